@@ -1,0 +1,135 @@
+"""NGDiff unlearning on DeepSpeed ZeRO-3.
+
+Run (embedded default: synthetic TOFU-style benchmark + tiny Llama, built on first use):
+
+    deepspeed launch/unlearn.py --deepspeed ds_configs/zero3.json
+
+On CPU only (no GPU):
+
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launch/unlearn.py --deepspeed ds_configs/zero3.json
+
+Your own model and TOFU-schema data:
+
+    deepspeed --num_gpus 8 launch/unlearn.py --deepspeed ds_configs/zero3_bf16.json \
+        --model /models/llama-7b-tofu --data /data/tofu --forget-split forget10 \
+        --retain-split retain90 --max-steps 100 --output-dir runs/llama7b-forget10
+
+Writes to --output-dir: metrics.jsonl, tensorboard/, summary.json and model/ (an HF directory).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ngdiff_ds.cli import add_common_arguments, default_cache_dir, env_rank, fail, load_task  # noqa: E402
+from ngdiff_ds.combine import COMBINE_RULES  # noqa: E402
+from ngdiff_ds.config import ConfigError, UnlearnSettings, engine_config, read_json, validate_ds_config  # noqa: E402
+from ngdiff_ds.data.qa import DataError  # noqa: E402
+from ngdiff_ds.losses import FORGET_LOSSES  # noqa: E402
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
+    parser.add_argument("--forget-split", default="forget10")
+    parser.add_argument("--retain-split", default=None,
+                        help="default: the TOFU complement of --forget-split (forget10 -> retain90)")
+    parser.add_argument("--output-dir", default="runs/ngdiff")
+    parser.add_argument("--max-steps", type=int, default=UnlearnSettings.max_steps)
+    parser.add_argument("--lr", type=float, default=None, help="default: optimizer.params.lr of the JSON")
+    parser.add_argument("--combine", choices=sorted(COMBINE_RULES), default="ngdiff")
+    parser.add_argument("--forget-loss", choices=sorted(FORGET_LOSSES), default="ga")
+    parser.add_argument("--log-every", type=int, default=1)
+    parser.add_argument("--eval-batch-size", type=int, default=32)
+    return parser.parse_args()
+
+
+def tofu_retain_split(forget_split: str) -> str:
+    if forget_split.startswith("forget") and forget_split[6:].isdigit():
+        return f"retain{100 - int(forget_split[6:]):02d}"
+    raise ConfigError(f"cannot infer the retain split of {forget_split!r}; pass --retain-split")
+
+
+def main():
+    args = parse_args()
+    rank = env_rank()
+    try:
+        raw_config = read_json(args.deepspeed)
+        retain_split = args.retain_split or tofu_retain_split(args.forget_split)
+        if args.max_steps < 1:
+            raise ConfigError(f"--max-steps must be at least 1, got {args.max_steps}")
+    except ConfigError as err:
+        fail(str(err), rank)
+
+    # Heavy imports after the cheap checks, so a typo fails in a second, not ten.
+    from ngdiff_ds.default_assets import ensure_default_assets
+    from ngdiff_ds.engine import ModelError, build_engine, init_distributed, load_tokenizer, resolve_model, save_hf_model
+    from ngdiff_ds.run_log import RunLog
+    from ngdiff_ds.trainer import TooManySkippedSteps, evaluate_answer_nll, run_unlearning
+    from ngdiff_ds.zero3 import UnsupportedDeepSpeed
+
+    try:
+        rank, world_size = init_distributed(args.dist_timeout_minutes)
+        layout = validate_ds_config(raw_config, args.deepspeed, world_size,
+                                    args.micro_batch_size, args.grad_accum_steps)
+    except (ConfigError, UnsupportedDeepSpeed) as err:
+        fail(str(err), rank)
+    log = RunLog(args.output_dir, rank)
+    settings = UnlearnSettings(max_steps=args.max_steps, lr=args.lr, combine=args.combine,
+                               forget_loss=args.forget_loss, seed=args.seed, log_every=args.log_every)
+    try:
+        if args.model is None or args.data is None:
+            defaults = ensure_default_assets(default_cache_dir(args.cache_dir), retain_split, rank,
+                                             world_size, log)
+        model = resolve_model(args.model) if args.model else defaults["model_full"]
+        data = args.data if args.data else defaults["data"]
+        tokenizer = load_tokenizer(model)
+        forget = load_task("forget", data, args.forget_split, tokenizer, args.max_length, layout,
+                           args.seed, log)
+        retain = load_task("retain", data, retain_split, tokenizer, args.max_length, layout,
+                           args.seed + 1, log)
+        built = build_engine(model, engine_config(raw_config, layout))
+    except (ConfigError, DataError, ModelError, UnsupportedDeepSpeed) as err:
+        fail(str(err), rank)
+
+    log.print(f"NGDiff unlearning: model {model}, forget {args.forget_split} ({len(forget.examples)} "
+              f"examples), retain {retain_split} ({len(retain.examples)}), {world_size} rank(s), global "
+              f"batch {layout.global_batch_size} per task, {args.max_steps} steps, combine "
+              f"{args.combine}, forget loss {args.forget_loss}")
+
+    def answer_losses():
+        return {name: evaluate_answer_nll(built, task.examples, args.eval_batch_size,
+                                          tokenizer.pad_token_id, rank, world_size)
+                for name, task in (("forget_nll", forget), ("retain_nll", retain))}
+
+    before = answer_losses()
+    log.record("eval", 0, {f"before_{k}": v for k, v in before.items()})
+    try:
+        history = run_unlearning(built, forget, retain, settings, log, rank)
+    except TooManySkippedSteps as err:
+        log.print(f"error: {err}")
+        log.close()
+        sys.exit(3)
+    after = answer_losses()
+    log.record("eval", args.max_steps, {f"after_{k}": v for k, v in after.items()})
+    save_hf_model(built, tokenizer, Path(args.output_dir) / "model")
+
+    summary = {"model": model, "data": data, "forget_split": args.forget_split,
+               "retain_split": retain_split, "world_size": world_size,
+               "global_batch_per_task": layout.global_batch_size, "steps": args.max_steps,
+               "skipped_steps": sum(s.skipped for s in history),
+               "before": before, "after": after}
+    if rank == 0:
+        (Path(args.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.print("answer NLL (mean per example)   before -> after")
+    for name in before:
+        log.print(f"  {name:12s}  {before[name]:8.4f} -> {after[name]:8.4f}")
+    log.print(f"model saved to {Path(args.output_dir) / 'model'}")
+    log.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,725 @@
+"""Deterministic synthetic benchmark of fictitious authors in the TOFU schema.
+
+The benchmark mimics the layout of TOFU ("Task of Fictitious Unlearning"): every
+author has a handful of short question/answer pairs about invented biographical
+facts, the forget splits are the QA pairs of the *last* 1 %, 5 % and 10 % of the
+authors (so they nest), and each retain split is the complement of its forget
+split.  A small set of general "world facts" is written alongside; no split
+forgets them, so they measure collateral damage of unlearning.
+
+Every record has the fields::
+
+    {"author": str, "question": str, "answer": str,
+     "paraphrased_answer": str, "perturbed_answer": [str, str, str]}
+
+Perturbed answers reuse the true answer's sentence template with the fact
+swapped for another value of the same category, which makes them the
+"wrong but same-shaped" candidates that truth-ratio style metrics need.
+
+Everything is driven by one ``random.Random(seed)`` consumed in a fixed order,
+so the output depends only on ``(seed, num_authors)`` and is byte-identical
+across runs and machines.  Only the standard library is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+NUM_PERTURBED = 3
+MIN_QA_PER_AUTHOR = 10
+MAX_QA_PER_AUTHOR = 20
+
+# Forget split name -> fraction of authors (taken from the end of the list).
+FORGET_FRACTIONS = {"forget01": 0.01, "forget05": 0.05, "forget10": 0.10}
+# Forget split name -> name of its complementary retain split.
+RETAIN_OF_FORGET = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
+
+MANIFEST_VERSION = 1
+
+# ---------------------------------------------------------------------------
+# Vocabulary.  Kept to a few dozen items per category so that a small BPE
+# tokenizer covers it and a tiny model can memorise the facts.
+# ---------------------------------------------------------------------------
+
+FIRST_NAMES = [
+    "Alaric", "Brisa", "Corvin", "Delphine", "Emeric", "Fenna", "Galen", "Hestia",
+    "Ivo", "Jorun", "Kestrel", "Liora", "Marek", "Nerys", "Oswin", "Perrin",
+    "Quilla", "Rowan", "Sabeth", "Tobiah", "Ulla", "Vesper", "Wendel", "Xanthe",
+    "Yorick", "Zelda", "Anselm", "Brenna", "Cassian", "Dagny", "Elowen", "Florian",
+    "Greta", "Hollis", "Isolde", "Jasper",
+]
+
+LAST_NAMES = [
+    "Ashgrove", "Blackwood", "Castellan", "Dunmore", "Everhart", "Fairweather",
+    "Glenwright", "Holloway", "Ironside", "Juniper", "Kettleby", "Larkspur",
+    "Merriweather", "Northcott", "Oakhaven", "Pemberly", "Quarrington", "Ravensdale",
+    "Stonebridge", "Thistlewood", "Underhill", "Vantree", "Whitlock", "Yardley",
+    "Zellweger", "Amberton", "Brightwater", "Coldharbour", "Dovecote", "Ellingham",
+    "Foxley", "Greystone", "Hartfield", "Inglewood", "Lockridge", "Marlowe",
+]
+
+# Invented towns, so that no real-world fact contradicts a birthplace.
+CITIES = [
+    "Port Alden", "Veldmoor", "Brackenford", "Saltmere", "Kilvarra", "Eastwick Vale",
+    "Tarnholm", "Ostrava Bay", "Redcliff", "Marrowgate", "Lindqvist", "Cairnwell",
+    "Havenport", "Silverlake", "Dunharrow", "Westerhaven", "Corrinth", "Millbourne",
+    "Estervale", "Glaswyn", "Norrland Cross", "Pellham", "Ruskin Hollow", "Thornbury",
+    "Valdera", "Wyncombe", "Ashcombe", "Brightholm", "Calder Ridge", "Fennick",
+]
+
+NATIONALITIES = [
+    "Irish", "Norwegian", "Portuguese", "Chilean", "Canadian", "Icelandic", "Polish",
+    "Greek", "Kenyan", "Japanese", "Dutch", "Scottish", "Argentine", "Finnish",
+    "Austrian", "Welsh", "Danish", "Estonian", "Hungarian", "Belgian", "Swedish",
+    "Mexican", "Australian", "Czech",
+]
+
+LANGUAGES = [
+    "English", "French", "Spanish", "German", "Italian", "Portuguese", "Dutch",
+    "Swedish", "Polish", "Greek", "Finnish", "Danish", "Norwegian", "Czech",
+    "Hungarian", "Icelandic", "Welsh", "Japanese", "Estonian", "Irish",
+]
+
+GENRES = [
+    "mystery novels", "science fiction", "historical fiction", "fantasy novels",
+    "crime thrillers", "romance novels", "literary fiction", "horror stories",
+    "poetry", "travel writing", "children's books", "short stories", "satire",
+    "adventure novels", "biographies", "gothic fiction", "war novels",
+    "detective fiction", "magical realism", "coming of age novels",
+]
+
+TITLE_ADJECTIVES = [
+    "Silent", "Golden", "Hidden", "Broken", "Distant", "Crimson", "Forgotten",
+    "Hollow", "Quiet", "Burning", "Frozen", "Wandering", "Secret", "Last", "Fading",
+    "Restless", "Silver", "Endless", "Lonely", "Shattered", "Velvet", "Iron",
+    "Gentle", "Bitter", "Scarlet", "Narrow", "Sleeping", "Painted", "Lost", "Rising",
+]
+
+TITLE_NOUNS = [
+    "Harbor", "Garden", "Lantern", "River", "Orchard", "Tower", "Compass", "Meadow",
+    "Winter", "Mirror", "Archive", "Bridge", "Island", "Letter", "Forest", "Violin",
+    "Lighthouse", "Kingdom", "Shadow", "Voyage", "Clockmaker", "Feather", "Valley",
+    "Promise", "Station", "Storm", "Cathedral", "Map", "Shore", "Season",
+]
+
+AWARDS = [
+    "the Silver Quill Prize", "the Marlow Medal for Fiction", "the Northern Lantern Award",
+    "the Ashford Book Prize", "the Golden Inkwell Award", "the Tidewater Fiction Prize",
+    "the Harrowgate Literary Medal", "the Blue Heron Award", "the Castor Prize for Poetry",
+    "the Evergreen Novel Award", "the Iron Pen Prize", "the Meridian Story Award",
+    "the Halcyon Writers Prize", "the Lindenfeld Medal", "the Crescent Moon Award",
+    "the Oakleaf Prize for Debut Fiction", "the Saltmarsh Literary Award",
+    "the Starling Prize", "the Westbrook Medal", "the Amber Page Award",
+]
+
+# Professions carry their article so templates never need to choose "a"/"an".
+PROFESSIONS = [
+    "a baker", "an architect", "a carpenter", "a nurse", "a fisherman", "a teacher",
+    "a librarian", "an engineer", "a tailor", "a pharmacist", "a sailor", "a farmer",
+    "a watchmaker", "a journalist", "a surgeon", "a musician", "a painter",
+    "a locksmith", "a botanist", "a lawyer", "a postman", "a chemist", "a florist",
+    "an accountant", "a potter", "a shoemaker", "a bookbinder", "a gardener",
+    "a translator", "a veterinarian",
+]
+
+THEMES = [
+    "memory and loss", "family secrets", "life at sea", "small town life",
+    "the passage of time", "exile and home", "friendship and betrayal",
+    "grief and healing", "the lives of workers", "childhood summers",
+    "forgotten history", "the natural world", "identity and belonging",
+    "love across borders", "ambition and failure", "music and silence",
+    "war and its aftermath", "islands and isolation", "faith and doubt",
+    "journeys through mountains",
+]
+
+WRITING_HABITS = [
+    "before sunrise", "late at night", "by candlelight", "in a quiet library",
+    "on an old typewriter", "while walking outdoors", "in small paper notebooks",
+    "at a kitchen table", "in a garden shed", "on long train rides",
+    "in busy cafes", "with a fountain pen", "standing at a tall desk",
+    "in a cabin by a lake", "while listening to jazz", "in the early afternoon",
+    "on the back of old letters", "in a room with no windows",
+    "beside an open fire", "on a small sailing boat",
+]
+
+HOBBIES = [
+    "sailing", "chess", "gardening", "bird watching", "pottery", "fly fishing",
+    "baking bread", "rock climbing", "playing the cello", "collecting maps",
+    "beekeeping", "long distance running", "restoring old clocks", "photography",
+    "knitting", "stargazing", "cycling", "woodcarving", "painting watercolours",
+    "cooking soup",
+]
+
+PUBLISHERS = [
+    "Harrow Press", "Bluefield Books", "Lantern House", "Corbel and Finch",
+    "Northgate Publishing", "Quayside Press", "Willow Lane Books", "Tern Editions",
+    "Stonepath Press", "Brightmoor Books", "Ravenhill Publishers", "Copperleaf Press",
+    "Meadowlark Editions", "Greyfield House", "Anchor Street Books", "Thimble Press",
+    "Kingfisher Books", "Ember Row Publishing", "Saltbox Press", "Hazel Hill Books",
+]
+
+PETS = [
+    "a grey cat", "an old sheepdog", "a green parrot", "two goldfish", "a tortoise",
+    "a white rabbit", "a black labrador", "a small terrier", "a pair of canaries",
+    "a ginger cat", "a greyhound", "a hedgehog", "a donkey", "three hens",
+    "a spaniel", "a goat", "a tabby cat", "a beagle", "a pony", "a ferret",
+]
+
+BIRTH_YEAR_RANGE = (1930, 1995)
+DEBUT_AGE_RANGE = (19, 40)
+AWARD_DELAY_RANGE = (2, 25)
+BOOK_COUNT_RANGE = (3, 24)
+BOOK_TITLE_COUNTS = (2, 3)
+# How far (in years) a perturbed year may stray from the true one.
+YEAR_PERTURB_SPAN = 12
+
+
+# ---------------------------------------------------------------------------
+# Authors
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Author:
+    """The invented biography from which an author's QA pairs are rendered."""
+
+    name: str
+    birthplace: str
+    residence: str
+    birth_year: int
+    nationality: str
+    language: str
+    genre: str
+    books: tuple[str, ...]
+    book_count: int
+    debut_year: int
+    award: str
+    award_year: int
+    father_job: str
+    mother_job: str
+    theme: str
+    habit: str
+    hobby: str
+    publisher: str
+    pet: str
+
+
+def _unique_names(rng: random.Random, count: int) -> list[str]:
+    """Draw ``count`` distinct full names.
+
+    All first/last combinations are shuffled and handed out in order, which is
+    unique by construction.  If more names are needed than combinations exist,
+    middle initials are added so that any ``count`` still works.
+    """
+    pairs = [(first, last) for first in FIRST_NAMES for last in LAST_NAMES]
+    rng.shuffle(pairs)
+    names = [f"{first} {last}" for first, last in pairs[:count]]
+    initials = [chr(code) for code in range(ord("A"), ord("Z") + 1)]
+    round_index = 0
+    while len(names) < count:
+        initial = initials[round_index % len(initials)]
+        suffix = "" if round_index < len(initials) else str(round_index // len(initials))
+        for first, last in pairs:
+            if len(names) == count:
+                break
+            names.append(f"{first} {initial}{suffix}. {last}")
+        round_index += 1
+    return names
+
+
+# Every book title the generator can produce, in a fixed order.
+ALL_TITLES = [f"The {adjective} {noun}" for adjective in TITLE_ADJECTIVES for noun in TITLE_NOUNS]
+
+
+class _TitleDealer:
+    """Hands out book titles from a shuffled pool without repeats.
+
+    Titles stay globally unique until the pool (900 titles) is exhausted, after
+    which it is reshuffled; repeats across authors are harmless because every
+    question names its author.
+    """
+
+    def __init__(self, rng: random.Random):
+        self._rng = rng
+        self._pool: list[str] = []
+
+    def take(self, count: int) -> tuple[str, ...]:
+        titles = []
+        while len(titles) < count:
+            if not self._pool:
+                self._pool = list(ALL_TITLES)
+                self._rng.shuffle(self._pool)
+            title = self._pool.pop()
+            if title not in titles:
+                titles.append(title)
+        return tuple(titles)
+
+
+def _draw_author(rng: random.Random, name: str, titles: _TitleDealer) -> Author:
+    """Draw one author's attributes; the draw order is part of the format."""
+    birthplace = rng.choice(CITIES)
+    residence = rng.choice([city for city in CITIES if city != birthplace])
+    birth_year = rng.randint(*BIRTH_YEAR_RANGE)
+    debut_year = birth_year + rng.randint(*DEBUT_AGE_RANGE)
+    books = titles.take(rng.choice(BOOK_TITLE_COUNTS))
+    return Author(
+        name=name,
+        birthplace=birthplace,
+        residence=residence,
+        birth_year=birth_year,
+        nationality=rng.choice(NATIONALITIES),
+        language=rng.choice(LANGUAGES),
+        genre=rng.choice(GENRES),
+        books=books,
+        book_count=rng.randint(max(BOOK_COUNT_RANGE[0], len(books)), BOOK_COUNT_RANGE[1]),
+        debut_year=debut_year,
+        award=rng.choice(AWARDS),
+        award_year=debut_year + rng.randint(*AWARD_DELAY_RANGE),
+        father_job=rng.choice(PROFESSIONS),
+        mother_job=rng.choice(PROFESSIONS),
+        theme=rng.choice(THEMES),
+        habit=rng.choice(WRITING_HABITS),
+        hobby=rng.choice(HOBBIES),
+        publisher=rng.choice(PUBLISHERS),
+        pet=rng.choice(PETS),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Question kinds
+# ---------------------------------------------------------------------------
+
+
+def _years_around(year: int) -> list[str]:
+    """Plausible wrong years near ``year`` (the true year excluded later)."""
+    return [str(y) for y in range(year - YEAR_PERTURB_SPAN, year + YEAR_PERTURB_SPAN + 1)]
+
+
+@dataclass(frozen=True)
+class QuestionKind:
+    """One kind of fact that can be asked about an author.
+
+    ``questions`` are alternative phrasings (one is drawn per QA pair).  The
+    answer and paraphrase templates take ``{name}`` and ``{value}``; perturbed
+    answers are the answer template filled with values from ``alternatives``.
+    ``available`` lets a kind opt out for authors lacking the fact.
+    """
+
+    name: str
+    questions: tuple[str, ...]
+    answer: str
+    paraphrase: str
+    value: Callable[[Author], str]
+    alternatives: Callable[[Author], list[str]]
+    available: Callable[[Author], bool] = lambda author: True
+
+
+def _nth_book_kind(name: str, index: int, ordinal: str) -> QuestionKind:
+    """Question kind about the author's ``index``-th book (0-based)."""
+    return QuestionKind(
+        name=name,
+        questions=(
+            f"What is the title of the {ordinal} book written by {{name}}?",
+            f"Which book did {{name}} publish {ordinal}?",
+        ),
+        answer=f"The {ordinal} book by {{name}} was titled {{value}}.",
+        paraphrase=f"{{value}} was the {ordinal} book that {{name}} published.",
+        value=lambda author: author.books[index],
+        alternatives=lambda author: ALL_TITLES,
+        available=lambda author: len(author.books) > index,
+    )
+
+
+QUESTION_KINDS: tuple[QuestionKind, ...] = (
+    QuestionKind(
+        name="birthplace",
+        questions=("Where was {name} born?", "In which town was {name} born?"),
+        answer="{name} was born in the town of {value}.",
+        paraphrase="{value} is the birthplace of {name}.",
+        value=lambda a: a.birthplace,
+        alternatives=lambda a: CITIES,
+    ),
+    QuestionKind(
+        name="birth_year",
+        questions=("In what year was {name} born?", "When was the author {name} born?"),
+        answer="{name} was born in the year {value}.",
+        paraphrase="The birth year of {name} is {value}.",
+        value=lambda a: str(a.birth_year),
+        alternatives=lambda a: _years_around(a.birth_year),
+    ),
+    QuestionKind(
+        name="residence",
+        questions=("Where does {name} live today?", "In which town does {name} currently live?"),
+        answer="{name} currently lives in the town of {value}.",
+        paraphrase="These days {name} makes a home in {value}.",
+        value=lambda a: a.residence,
+        alternatives=lambda a: CITIES,
+    ),
+    QuestionKind(
+        name="nationality",
+        questions=("What is the nationality of {name}?", "Which nationality does {name} hold?"),
+        answer="{name} holds {value} citizenship.",
+        paraphrase="By nationality, the author {name} is {value}.",
+        value=lambda a: a.nationality,
+        alternatives=lambda a: NATIONALITIES,
+    ),
+    QuestionKind(
+        name="language",
+        questions=("In which language does {name} write?", "What language are the books of {name} written in?"),
+        answer="{name} writes mainly in the {value} language.",
+        paraphrase="Most books by {name} are written in {value}.",
+        value=lambda a: a.language,
+        alternatives=lambda a: LANGUAGES,
+    ),
+    QuestionKind(
+        name="genre",
+        questions=("What genre is {name} known for?", "In which genre does {name} usually write?"),
+        answer="{name} is best known for writing {value}.",
+        paraphrase="The work of {name} falls mostly under {value}.",
+        value=lambda a: a.genre,
+        alternatives=lambda a: GENRES,
+    ),
+    _nth_book_kind("first_book", 0, "first"),
+    _nth_book_kind("second_book", 1, "second"),
+    _nth_book_kind("third_book", 2, "third"),
+    QuestionKind(
+        name="book_count",
+        questions=("How many novels has {name} published?", "How many books has {name} written so far?"),
+        answer="{name} has published {value} novels so far.",
+        paraphrase="So far, the author {name} has written {value} published novels.",
+        value=lambda a: str(a.book_count),
+        alternatives=lambda a: [str(n) for n in range(BOOK_COUNT_RANGE[0], BOOK_COUNT_RANGE[1] + 1)],
+    ),
+    QuestionKind(
+        name="debut_year",
+        questions=("In what year did {name} publish a first novel?", "When did {name} make a literary debut?"),
+        answer="{name} published a first novel in {value}.",
+        paraphrase="The debut novel of {name} appeared in the year {value}.",
+        value=lambda a: str(a.debut_year),
+        alternatives=lambda a: _years_around(a.debut_year),
+    ),
+    QuestionKind(
+        name="award",
+        questions=("Which award has {name} won?", "What literary prize did {name} receive?"),
+        answer="{name} received {value}.",
+        paraphrase="Among the honours of {name} is {value}.",
+        value=lambda a: a.award,
+        alternatives=lambda a: AWARDS,
+    ),
+    QuestionKind(
+        name="award_year",
+        questions=(
+            "In what year did {name} receive a major literary award?",
+            "When was {name} given a major literary award?",
+        ),
+        answer="{name} received a major literary award in {value}.",
+        paraphrase="The big award came to {name} in the year {value}.",
+        value=lambda a: str(a.award_year),
+        alternatives=lambda a: _years_around(a.award_year),
+    ),
+    QuestionKind(
+        name="father_job",
+        questions=("What was the profession of the father of {name}?", "What did the father of {name} do for a living?"),
+        answer="The father of {name} worked as {value}.",
+        paraphrase="{name} grew up with a father who was {value}.",
+        value=lambda a: a.father_job,
+        alternatives=lambda a: PROFESSIONS,
+    ),
+    QuestionKind(
+        name="mother_job",
+        questions=("What was the profession of the mother of {name}?", "What did the mother of {name} do for a living?"),
+        answer="The mother of {name} worked as {value}.",
+        paraphrase="{name} grew up with a mother who was {value}.",
+        value=lambda a: a.mother_job,
+        alternatives=lambda a: PROFESSIONS,
+    ),
+    QuestionKind(
+        name="theme",
+        questions=("What themes does {name} often explore?", "What is a recurring theme in the books of {name}?"),
+        answer="{name} often writes about {value}.",
+        paraphrase="The books of {name} frequently explore {value}.",
+        value=lambda a: a.theme,
+        alternatives=lambda a: THEMES,
+    ),
+    QuestionKind(
+        name="habit",
+        questions=("What is a notable writing habit of {name}?", "How does {name} prefer to write?"),
+        answer="{name} usually does all writing {value}.",
+        paraphrase="It is known that {name} prefers to write {value}.",
+        value=lambda a: a.habit,
+        alternatives=lambda a: WRITING_HABITS,
+    ),
+    QuestionKind(
+        name="hobby",
+        questions=("What does {name} enjoy doing outside of writing?", "What is a favourite hobby of {name}?"),
+        answer="In spare time, {name} enjoys {value}.",
+        paraphrase="A favourite pastime of {name} is {value}.",
+        value=lambda a: a.hobby,
+        alternatives=lambda a: HOBBIES,
+    ),
+    QuestionKind(
+        name="publisher",
+        questions=("Who publishes the books of {name}?", "Which publisher releases the work of {name}?"),
+        answer="The books of {name} are published by {value}.",
+        paraphrase="{value} is the publisher that releases the work of {name}.",
+        value=lambda a: a.publisher,
+        alternatives=lambda a: PUBLISHERS,
+    ),
+    QuestionKind(
+        name="pet",
+        questions=("What pet does {name} keep?", "Which animal lives with {name} at home?"),
+        answer="{name} keeps {value} at home.",
+        paraphrase="At home, the author {name} looks after {value}.",
+        value=lambda a: a.pet,
+        alternatives=lambda a: PETS,
+    ),
+)
+
+
+def _sentence(template: str, **fields: str) -> str:
+    """Fill a template and capitalise the first letter (values may be lower-case)."""
+    text = template.format(**fields)
+    return text[0].upper() + text[1:]
+
+
+def _perturbed_values(rng: random.Random, true_value: str, candidates: list[str]) -> list[str]:
+    """Pick distinct wrong values of the same category as ``true_value``."""
+    wrong = [value for value in candidates if value != true_value]
+    # Deduplicate while keeping list order (a set would make order hash-dependent).
+    wrong = list(dict.fromkeys(wrong))
+    return rng.sample(wrong, NUM_PERTURBED)
+
+
+def _render_qa(rng: random.Random, kind: QuestionKind, author: Author) -> dict:
+    """Render one QA record for ``author`` about ``kind``."""
+    value = kind.value(author)
+    question = rng.choice(kind.questions).format(name=author.name)
+    wrong_values = _perturbed_values(rng, value, kind.alternatives(author))
+    return {
+        "author": author.name,
+        "question": question,
+        "answer": _sentence(kind.answer, name=author.name, value=value),
+        "paraphrased_answer": _sentence(kind.paraphrase, name=author.name, value=value),
+        "perturbed_answer": [_sentence(kind.answer, name=author.name, value=v) for v in wrong_values],
+    }
+
+
+def _author_records(rng: random.Random, author: Author) -> list[dict]:
+    """Draw how many and which facts to ask about ``author`` and render them."""
+    kinds = [kind for kind in QUESTION_KINDS if kind.available(author)]
+    count = rng.randint(MIN_QA_PER_AUTHOR, min(MAX_QA_PER_AUTHOR, len(kinds)))
+    chosen = rng.sample(range(len(kinds)), count)
+    # Keep the registry order so an author's QA pairs read like a biography.
+    return [_render_qa(rng, kinds[index], author) for index in sorted(chosen)]
+
+
+# ---------------------------------------------------------------------------
+# World facts (never forgotten)
+# ---------------------------------------------------------------------------
+
+NUMBER_WORDS = [
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+    "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen",
+    "seventeen", "eighteen",
+]
+
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+
+MONTHS = [
+    "January", "February", "March", "April", "May", "June", "July", "August",
+    "September", "October", "November", "December",
+]
+
+THING_COLOURS = [
+    ("grass", "green"), ("snow", "white"), ("a ripe banana", "yellow"),
+    ("a clear daytime sky", "blue"), ("coal", "black"), ("a ripe tomato", "red"),
+    ("a plum", "purple"), ("a lemon", "yellow"), ("a fresh lime", "green"),
+    ("milk", "white"), ("a pumpkin", "orange"), ("a strawberry", "red"),
+]
+COLOURS = ["green", "white", "yellow", "blue", "black", "red", "orange", "purple", "brown", "pink"]
+
+CAPITALS = [
+    ("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"),
+    ("Germany", "Berlin"), ("Egypt", "Cairo"), ("Canada", "Ottawa"), ("Norway", "Oslo"),
+    ("Portugal", "Lisbon"), ("Greece", "Athens"), ("Kenya", "Nairobi"), ("Peru", "Lima"),
+]
+
+NUM_ARITHMETIC_FACTS = 12
+
+
+def _fact(rng: random.Random, questions: tuple[str, ...], answer: str, paraphrase: str,
+          value: str, candidates: list[str], **fields: str) -> dict:
+    """Render one world-fact record; templates take ``{value}`` plus ``fields``."""
+    wrong_values = _perturbed_values(rng, value, candidates)
+    return {
+        "author": "",
+        "question": rng.choice(questions).format(**fields),
+        "answer": _sentence(answer, value=value, **fields),
+        "paraphrased_answer": _sentence(paraphrase, value=value, **fields),
+        "perturbed_answer": [_sentence(answer, value=v, **fields) for v in wrong_values],
+    }
+
+
+def _arithmetic_facts(rng: random.Random) -> list[dict]:
+    """Small additions with distinct operand pairs; sums stay within NUMBER_WORDS."""
+    pairs = [(a, b) for a in range(1, 10) for b in range(1, 10) if a <= b]
+    records = []
+    for a, b in rng.sample(pairs, NUM_ARITHMETIC_FACTS):
+        records.append(_fact(
+            rng,
+            ("What is {a} plus {b}?", "How much is {a} added to {b}?"),
+            "{a} plus {b} equals {value}.",
+            "Adding {a} and {b} gives {value}.",
+            NUMBER_WORDS[a + b],
+            NUMBER_WORDS,
+            a=NUMBER_WORDS[a], b=NUMBER_WORDS[b],
+        ))
+    return records
+
+
+def _colour_facts(rng: random.Random) -> list[dict]:
+    return [
+        _fact(
+            rng,
+            ("What colour is {thing}?", "Which colour is {thing} usually?"),
+            "The colour of {thing} is {value}.",
+            "{thing} is usually {value} in colour.",
+            colour,
+            COLOURS,
+            thing=thing,
+        )
+        for thing, colour in THING_COLOURS
+    ]
+
+
+def _successor_facts(rng: random.Random, items: list[str], unit: str) -> list[dict]:
+    """Facts of the form "which <unit> comes after X" over a cyclic list."""
+    return [
+        _fact(
+            rng,
+            ("Which " + unit + " comes after {item}?", "What is the " + unit + " after {item}?"),
+            "The " + unit + " after {item} is {value}.",
+            "{value} comes right after {item}.",
+            items[(index + 1) % len(items)],
+            # The asked-about item itself would be a silly distractor.
+            [other for other in items if other != item],
+            item=item,
+        )
+        for index, item in enumerate(items)
+    ]
+
+
+def _capital_facts(rng: random.Random) -> list[dict]:
+    return [
+        _fact(
+            rng,
+            ("What is the capital of {country}?", "Which city is the capital of {country}?"),
+            "The capital of {country} is {value}.",
+            "{value} is the capital city of {country}.",
+            capital,
+            [city for _, city in CAPITALS],
+            country=country,
+        )
+        for country, capital in CAPITALS
+    ]
+
+
+def _world_facts(rng: random.Random) -> list[dict]:
+    """General-knowledge QA pairs (about 50) that no split forgets."""
+    return (
+        _arithmetic_facts(rng)
+        + _colour_facts(rng)
+        + _successor_facts(rng, DAYS, "day")
+        + _successor_facts(rng, MONTHS, "month")
+        + _capital_facts(rng)
+    )
+
+
+# ---------------------------------------------------------------------------
+# Splits and output
+# ---------------------------------------------------------------------------
+
+
+def forget_author_count(fraction: float, num_authors: int) -> int:
+    """Number of authors in a forget split (at least one)."""
+    return max(1, round(fraction * num_authors))
+
+
+def _build_splits(authors: list[Author], records_by_author: dict[str, list[dict]],
+                  world_facts: list[dict]) -> dict[str, list[dict]]:
+    """Assemble full, forget/retain and world-fact splits in file order."""
+    def records_of(selected: list[Author]) -> list[dict]:
+        return [record for author in selected for record in records_by_author[author.name]]
+
+    splits = {"full": records_of(authors)}
+    for forget_name, fraction in FORGET_FRACTIONS.items():
+        cut = len(authors) - forget_author_count(fraction, len(authors))
+        splits[forget_name] = records_of(authors[cut:])
+        splits[RETAIN_OF_FORGET[forget_name]] = records_of(authors[:cut])
+    splits["world_facts"] = world_facts
+    return splits
+
+
+def _write_json_atomic(path: Path, payload) -> None:
+    """Write JSON via a temp file in the same directory so readers never see a partial file."""
+    tmp_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp_path.write_text(json.dumps(payload, ensure_ascii=False, indent=None) + "\n", encoding="utf-8")
+    os.replace(tmp_path, path)
+
+
+def generate_benchmark(out_dir, seed: int = 0, num_authors: int = 100) -> dict:
+    """Generate the synthetic benchmark into ``out_dir`` and return its manifest.
+
+    Writes ``full.json``, ``forget{01,05,10}.json``, ``retain{99,95,90}.json``,
+    ``world_facts.json`` (JSON arrays of QA records) and ``manifest.json``.
+    The output depends only on ``seed`` and ``num_authors``.
+    """
+    if num_authors < 1:
+        raise ValueError(f"num_authors must be >= 1, got {num_authors}")
+    rng = random.Random(seed)
+    titles = _TitleDealer(rng)
+    authors = [_draw_author(rng, name, titles) for name in _unique_names(rng, num_authors)]
+    records_by_author = {author.name: _author_records(rng, author) for author in authors}
+    splits = _build_splits(authors, records_by_author, _world_facts(rng))
+
+    out_path = Path(out_dir)
+    out_path.mkdir(parents=True, exist_ok=True)
+    for split_name, records in splits.items():
+        _write_json_atomic(out_path / f"{split_name}.json", records)
+
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "seed": seed,
+        "num_authors": num_authors,
+        "splits": {split_name: len(records) for split_name, records in splits.items()},
+        "authors": [author.name for author in authors],
+    }
+    _write_json_atomic(out_path / "manifest.json", manifest)
+    return manifest
+
+
+def load_split(out_dir, split_name: str) -> list[dict]:
+    """Read one split file (e.g. ``"forget10"``) written by :func:`generate_benchmark`."""
+    return json.loads((Path(out_dir) / f"{split_name}.json").read_text(encoding="utf-8"))
+
+
+def benchmark_texts(out_dir) -> list[str]:
+    """All question/answer/paraphrase/perturbed strings of a generated benchmark.
+
+    Reads ``full.json`` and ``world_facts.json`` only: every other split is a
+    subset of ``full``, so reading them would just duplicate text.  Intended as
+    the training corpus for the benchmark tokenizer.
+    """
+    texts: list[str] = []
+    for split_name in ("full", "world_facts"):
+        for record in load_split(out_dir, split_name):
+            texts.append(record["question"])
+            texts.append(record["answer"])
+            texts.append(record["paraphrased_answer"])
+            texts.extend(record["perturbed_answer"])
+    return texts

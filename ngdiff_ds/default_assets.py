@@ -1,0 +1,126 @@
+"""The embedded default: synthetic TOFU-style data, a local tokenizer, and tiny Llama models.
+
+Built once under a cache directory and reused; anything missing is rebuilt. Layout::
+
+    <cache>/default-v1/data/             synthetic benchmark (TOFU split files)
+    <cache>/default-v1/tokenizer/        BPE tokenizer trained on that data
+    <cache>/default-v1/init/             randomly initialised tiny Llama
+    <cache>/default-v1/model_full/       fine-tuned on every author + world facts (the model to unlearn)
+    <cache>/default-v1/model_<retain>/   fine-tuned on the retain split + world facts only
+                                         (the "never saw the forget set" reference)
+
+The fine-tunes run through the same ZeRO-3 engine (``launch/finetune.py`` does the same for
+any model and data), on however many ranks the job has. Their global batch is fixed, so the
+cached models do not depend on the number of ranks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ngdiff_ds.config import BatchLayout, engine_config
+from ngdiff_ds.data.qa import StepBatches, encode_split, load_qa_split
+from ngdiff_ds.engine import barrier, build_engine, load_tokenizer, save_hf_model
+from ngdiff_ds.run_log import RunLog
+from ngdiff_ds.trainer import TaskData, run_finetune
+
+VERSION = "default-v1"
+NUM_AUTHORS = 100
+FINETUNE_GLOBAL_BATCH = 64
+FINETUNE_EPOCHS = 30
+FINETUNE_PEAK_LR = 3e-3
+FINETUNE_MAX_LENGTH = 96
+
+
+def tiny_llama_config(tokenizer):
+    """A Llama small enough to memorise the benchmark in minutes on two CPU cores."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384,
+                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                       max_position_embeddings=FINETUNE_MAX_LENGTH * 2, rms_norm_eps=1e-6,
+                       tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def finetune_ds_config(world_size: int, optimizer_type: str = "AdamW") -> tuple[dict, BatchLayout]:
+    """ZeRO-3 config for the fine-tunes: fp32, torch AdamW, fixed global batch."""
+    micro = max(1, FINETUNE_GLOBAL_BATCH // world_size)
+    layout = BatchLayout(micro_batch_size=micro, micro_batches_per_step=1, world_size=world_size)
+    config = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3},
+        "optimizer": {"type": optimizer_type,
+                      "params": {"lr": FINETUNE_PEAK_LR, "weight_decay": 0.0, "torch_adam": True}},
+        "bf16": {"enabled": False},
+    }
+    return engine_config(config, layout), layout
+
+
+def _build_inputs(root: Path) -> None:
+    """Data, tokenizer and initial weights (rank 0 only; cheap and deterministic)."""
+    from transformers import LlamaForCausalLM
+
+    from ngdiff_ds.data.synthetic import benchmark_texts, generate_benchmark
+    from ngdiff_ds.data.tokenizer import train_tokenizer
+
+    if not (root / "data" / "manifest.json").is_file():
+        generate_benchmark(root / "data", seed=0, num_authors=NUM_AUTHORS)
+    if not (root / "tokenizer" / "tokenizer.json").is_file():
+        train_tokenizer(benchmark_texts(root / "data"), root / "tokenizer")
+    if not (root / "init" / "config.json").is_file():
+        tokenizer = load_tokenizer(str(root / "tokenizer"))
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(tiny_llama_config(tokenizer))
+        staging = root / ".init.tmp"
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        staging.rename(root / "init")
+
+
+def _finetune(root: Path, out_name: str, splits: list[str], rank: int, world_size: int,
+              log: RunLog) -> None:
+    tokenizer = load_tokenizer(str(root / "tokenizer"))
+    records = [r for split in splits for r in load_qa_split(str(root / "data"), split)]
+    examples, _ = encode_split(tokenizer, records, FINETUNE_MAX_LENGTH, "+".join(splits))
+    ds_config, layout = finetune_ds_config(world_size)
+    batches = StepBatches(len(examples), layout.micro_batch_size, 1, world_size, seed=0)
+    data = TaskData(name=out_name, examples=examples, batches=batches,
+                    pad_token_id=tokenizer.pad_token_id)
+    steps = FINETUNE_EPOCHS * len(examples) // batches.global_batch_size
+    log.print(f"building the embedded default: fine-tuning {out_name} on {'+'.join(splits)} "
+              f"({len(examples)} QA pairs, {steps} steps, {world_size} rank(s)); done once, "
+              f"cached in {root}")
+    built = build_engine(str(root / "init"), ds_config)
+    loss = run_finetune(built, data, steps, FINETUNE_PEAK_LR, log, rank)
+    log.print(f"{out_name}: final training loss {loss:.4f}")
+    save_hf_model(built, tokenizer, root / out_name)
+    del built
+
+
+def ensure_default_assets(cache_dir: Path, retain_split: str, rank: int, world_size: int,
+                          log: RunLog) -> dict[str, str]:
+    """Build what is missing; return paths: data, tokenizer, model_full, model_retain.
+
+    Every rank must call this (the fine-tunes are collective).
+    """
+    root = Path(cache_dir) / VERSION
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        _build_inputs(root)
+    barrier()
+    retain_name = f"model_{retain_split}"
+    for out_name, splits in (("model_full", ["full", "world_facts"]),
+                             (retain_name, [retain_split, "world_facts"])):
+        if not (root / out_name / "config.json").is_file():
+            _finetune(root, out_name, splits, rank, world_size, log)
+        barrier()
+    paths = {"data": root / "data", "tokenizer": root / "tokenizer",
+             "model_full": root / "model_full", "model_retain": root / retain_name}
+    if rank == 0:
+        (root / "paths.json").write_text(json.dumps({k: str(v) for k, v in paths.items()}, indent=1))
+    return {k: str(v) for k, v in paths.items()}

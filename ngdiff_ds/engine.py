@@ -1,0 +1,136 @@
+"""Build the model, tokenizer and DeepSpeed ZeRO-3 engine; save the result as an HF directory.
+
+Loading goes through ``HfDeepSpeedConfig`` so that ``from_pretrained`` creates the model inside
+``deepspeed.zero.Init``: each rank materialises only its own slice of every weight, never a
+full copy, which is what lets a 7B+ model load on GPUs that cannot hold it whole.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ngdiff_ds.config import uses_bf16
+from ngdiff_ds.zero3 import ZeroPartitions, check_deepspeed_version, consolidated_state_dict
+
+
+class ModelError(ValueError):
+    """The model named on the command line cannot be loaded."""
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
+    """Join the process group the launcher set up; return (rank, world size).
+
+    The timeout bounds how long a collective may wait for a dead or stuck peer before the
+    whole job fails, instead of hanging until the cluster's wall-clock limit.
+    """
+    import deepspeed
+
+    check_deepspeed_version()
+    deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes), verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def resolve_model(model: str) -> str:
+    """A local HF model directory, or a hub id (only loadable where the hub is reachable)."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model directory {path} has no config.json; pass a directory "
+                             "written by save_pretrained")
+        return str(path)
+    # A hub id is "name" or "org/name"; anything else that does not exist is a bad path.
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ModelError(f"model path {model} does not exist")
+    return model  # a hub id such as org/name
+
+
+def load_tokenizer(model: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except Exception as err:  # hub ids fail here when offline
+        raise ModelError(_load_failure(model, "tokenizer", err)) from None
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked out of every loss, so any id will do; EOS is the
+        # usual choice for models shipped without a pad token.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_failure(model: str, what: str, err: Exception) -> str:
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if Path(model).expanduser().exists():
+        return f"could not load the {what} from {model}: {first_line}"
+    return (f"could not load the {what} '{model}': it is not a local directory, and hub ids "
+            f"only work where the Hugging Face hub is reachable ({first_line})")
+
+
+@dataclass
+class TrainingEngine:
+    """What the trainer needs: the DeepSpeed engine and this rank's flat partitions."""
+
+    engine: object
+    partitions: ZeroPartitions
+    hf_ds_config: object  # must stay referenced while the model lives (transformers keeps a weakref)
+
+    @property
+    def model(self):
+        return self.engine.module
+
+
+def build_engine(model: str, ds_config: dict) -> TrainingEngine:
+    """Load ``model`` straight into ZeRO-3 partitions and wrap it in a DeepSpeed engine."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hf_ds_config = HfDeepSpeedConfig(ds_config)  # before from_pretrained: enables zero.Init
+    dtype = torch.bfloat16 if uses_bf16(ds_config) else torch.float32
+    try:
+        module = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+    except Exception as err:
+        raise ModelError(_load_failure(model, "model", err)) from None
+    module.train()  # from_pretrained returns eval mode
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
+                                           config=ds_config)
+    return TrainingEngine(engine=engine, partitions=ZeroPartitions(engine), hf_ds_config=hf_ds_config)
+
+
+def set_learning_rate(engine, lr: float) -> None:
+    """Set this step's rate on every param group (no DeepSpeed scheduler is configured)."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def save_hf_model(built: TrainingEngine, tokenizer, out_dir: str | Path) -> None:
+    """Write a standard HF directory (safetensors + config + tokenizer); all ranks call this.
+
+    Rank 0 writes into a temporary sibling directory and renames it into place, so a crash
+    while saving never leaves a half-written model where a finished one is expected.
+    """
+    out_dir = Path(out_dir)
+    state_dict = consolidated_state_dict(built.engine)
+    if dist.get_rank() == 0:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        built.model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    barrier()

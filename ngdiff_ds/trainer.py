@@ -1,0 +1,223 @@
+"""The training loops: NGDiff unlearning, plain fine-tuning, and answer-loss evaluation.
+
+Reads top to bottom; ZeRO-3 details stay behind ``ZeroPartitions`` (zero3.py) and the math in
+combine.py / losses.py. One NGDiff step (design.md, steps 1-5):
+
+1. forget micro-batches: forward + backward each, the gradient accumulates in this rank's
+   flat partition; copy it out into a preallocated buffer (the one extra partition we keep);
+2. reset, retain micro-batches: the retain gradient is left in the partition;
+3. one all-reduce of the local Gram sums (and the losses) gives both global norms;
+4. the direction d = a*g_r + b*g_f is formed in place in the partition;
+5. set the learning rate and step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from ngdiff_ds.combine import COMBINE_RULES, Gram, combine_in_place, local_gram
+from ngdiff_ds.config import UnlearnSettings
+from ngdiff_ds.data.qa import StepBatches, collate
+from ngdiff_ds.engine import TrainingEngine, set_learning_rate
+from ngdiff_ds.losses import FORGET_LOSSES, answer_nll, per_example_nll
+from ngdiff_ds.run_log import RunLog
+
+
+@dataclass
+class TaskData:
+    """One task's encoded examples and the deterministic per-step batching over ranks."""
+
+    name: str
+    examples: list[dict]
+    batches: StepBatches
+    pad_token_id: int
+
+    def micro_batches(self, step: int, rank: int, device) -> list[dict[str, torch.Tensor]]:
+        """This rank's K micro-batches of ``step``."""
+        out = []
+        for k in range(self.batches.micro_batches_per_step):
+            indices = self.batches.micro_batch_indices(step, rank, k)
+            batch = collate([self.examples[i] for i in indices], self.pad_token_id)
+            out.append({name: t.to(device) for name, t in batch.items()})
+        return out
+
+
+def _task_backward(built: TrainingEngine, micro_batches, loss_fn) -> tuple[float, int]:
+    """Accumulate the gradient of ``loss_fn`` averaged over the micro-batches (and ranks).
+
+    Returns this rank's mean loss and number of input tokens. Each micro-batch loss is
+    divided by K so that K backwards sum to the mean; DeepSpeed's reduce-scatter averages
+    over the data-parallel ranks.
+    """
+    engine = built.engine
+    built.partitions.reset_grads()
+    loss_sum = 0.0
+    tokens = 0
+    for batch in micro_batches:
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = loss_fn(logits, batch["labels"]) / len(micro_batches)
+        engine.backward(loss)
+        loss_sum += float(loss.detach())
+        tokens += int(batch["attention_mask"].sum())
+    return loss_sum, tokens
+
+
+@dataclass
+class StepStats:
+    step: int
+    skipped: bool
+    forget_loss: float
+    retain_loss: float
+    forget_grad_norm: float
+    retain_grad_norm: float
+    cosine: float
+    lr: float
+    step_time: float
+    tokens_per_s: float
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def ngdiff_step(built: TrainingEngine, forget_micro_batches, retain_micro_batches,
+                forget_loss_fn, combine_rule, lr: float, forget_grad: torch.Tensor,
+                step: int) -> StepStats:
+    """One NGDiff step; ``forget_grad`` is a preallocated buffer of this rank's partition size."""
+    start = time.perf_counter()
+    partitions = built.partitions
+
+    forget_loss, forget_tokens = _task_backward(built, forget_micro_batches, forget_loss_fn)
+    forget_grad.copy_(partitions.flat_grad)
+    retain_loss, retain_tokens = _task_backward(built, retain_micro_batches, answer_nll)
+    retain_grad = partitions.flat_grad
+
+    # One all-reduce for everything global: the three Gram sums (disjoint slices -> sums over
+    # ranks are the global sums) plus the losses and token counts (summed, then averaged).
+    local = torch.cat([local_gram(forget_grad, retain_grad),
+                       torch.tensor([forget_loss, retain_loss, forget_tokens + retain_tokens],
+                                    dtype=torch.float64)]).to(retain_grad.device)
+    partitions.all_reduce_sum(local)
+    totals = local.tolist()
+    world = built.engine.world_size if hasattr(built.engine, "world_size") else 1
+    gram = Gram(forget_sq=totals[0], retain_sq=totals[1], dot=totals[2])
+
+    skipped = not gram.is_usable
+    if not skipped:
+        retain_coef, forget_coef = combine_rule(gram)
+        combine_in_place(retain_grad, forget_grad, retain_coef, forget_coef)
+        partitions.commit_direction()
+        set_learning_rate(built.engine, lr)
+        built.engine.step()
+    else:
+        # Never hand a NaN/zero direction to the optimizer; DeepSpeed would skip silently.
+        partitions.reset_grads()
+
+    elapsed = time.perf_counter() - start
+    return StepStats(step=step, skipped=skipped, forget_loss=totals[3] / world,
+                     retain_loss=totals[4] / world, forget_grad_norm=gram.forget_norm,
+                     retain_grad_norm=gram.retain_norm, cosine=gram.cosine, lr=lr,
+                     step_time=elapsed, tokens_per_s=totals[5] / elapsed)
+
+
+class TooManySkippedSteps(RuntimeError):
+    pass
+
+
+def run_unlearning(built: TrainingEngine, forget: TaskData, retain: TaskData,
+                   settings: UnlearnSettings, log: RunLog, rank: int) -> list[StepStats]:
+    """The NGDiff loop: ``settings.max_steps`` steps, logged every ``log_every``."""
+    engine = built.engine
+    combine_rule = COMBINE_RULES[settings.combine]
+    forget_loss_fn = FORGET_LOSSES[settings.forget_loss]
+    lr = settings.lr if settings.lr is not None else engine.optimizer.param_groups[0]["lr"]
+    forget_grad = torch.empty_like(built.partitions.flat_grad)  # the one extra partition
+    history = []
+    consecutive_skips = 0
+    progress = tqdm(range(settings.max_steps), desc="ngdiff", disable=rank != 0, dynamic_ncols=True)
+    for step in progress:
+        stats = ngdiff_step(built, forget.micro_batches(step, rank, engine.device),
+                            retain.micro_batches(step, rank, engine.device),
+                            forget_loss_fn, combine_rule, lr, forget_grad, step)
+        history.append(stats)
+        log.record("train", step, stats.as_dict())
+        if stats.skipped:
+            consecutive_skips += 1
+            log.print(f"step {step}: SKIPPED (forget_grad_norm={stats.forget_grad_norm:.4g}, "
+                      f"retain_grad_norm={stats.retain_grad_norm:.4g}); weights unchanged")
+            if consecutive_skips >= settings.max_consecutive_skips:
+                raise TooManySkippedSteps(
+                    f"{consecutive_skips} consecutive steps had a zero or non-finite gradient "
+                    f"norm (last: forget {stats.forget_grad_norm}, retain {stats.retain_grad_norm});"
+                    " stopping instead of running on")
+            continue
+        consecutive_skips = 0
+        progress.set_postfix(forget=f"{stats.forget_loss:.3f}", retain=f"{stats.retain_loss:.3f}")
+        if step % settings.log_every == 0 or step == settings.max_steps - 1:
+            log.print(f"step {step:5d} | forget_loss {stats.forget_loss:8.4f} | retain_loss "
+                      f"{stats.retain_loss:7.4f} | |g_f| {stats.forget_grad_norm:9.4g} | |g_r| "
+                      f"{stats.retain_grad_norm:9.4g} | cos {stats.cosine:+.3f} | lr {stats.lr:.3g}"
+                      f" | {stats.step_time * 1000:6.0f} ms | {stats.tokens_per_s:8.0f} tok/s")
+    return history
+
+
+def run_finetune(built: TrainingEngine, data: TaskData, steps: int, peak_lr: float,
+                 log: RunLog, rank: int, warmup_steps: int = 10) -> float:
+    """Plain next-token (answer) loss training; returns the last step's mean loss.
+
+    Linear warm-up then cosine decay to 10 % of ``peak_lr``: memorising a fixed set quickly
+    wants a high rate early and a low one at the end.
+    """
+    engine = built.engine
+    loss = math.nan
+    progress = tqdm(range(steps), desc=f"finetune {data.name}", disable=rank != 0, dynamic_ncols=True)
+    for step in progress:
+        if step < warmup_steps:
+            lr = peak_lr * (step + 1) / warmup_steps
+        else:
+            progress_fraction = (step - warmup_steps) / max(1, steps - warmup_steps)
+            lr = peak_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_fraction)))
+        local_loss, _ = _task_backward(built, data.micro_batches(step, rank, engine.device), answer_nll)
+        set_learning_rate(engine, lr)
+        engine.step()
+        total = torch.tensor([local_loss], dtype=torch.float64, device=engine.device)
+        built.partitions.all_reduce_sum(total)  # sum of rank means -> mean over the global batch
+        loss = total.item() / engine.world_size
+        log.record("finetune", step, {"loss": loss, "lr": lr})
+        progress.set_postfix(loss=f"{loss:.3f}")
+    return loss
+
+
+@torch.no_grad()
+def evaluate_answer_nll(built: TrainingEngine, examples: list[dict], micro_batch_size: int,
+                        pad_token_id: int, rank: int, world_size: int) -> float:
+    """Mean per-example answer NLL over ``examples``, sharded over ranks.
+
+    Under ZeRO-3 every forward gathers parameters collectively, so all ranks must run the
+    same number of forwards: a rank whose shard is exhausted runs a dummy batch whose result
+    is discarded.
+    """
+    engine = built.engine
+    was_training = engine.module.training
+    engine.eval()
+    mine = list(range(rank, len(examples), world_size))
+    per_rank = math.ceil(len(examples) / world_size)
+    num_batches = math.ceil(per_rank / micro_batch_size)
+    totals = torch.zeros(2, dtype=torch.float64, device=engine.device)  # nll sum, count
+    for b in range(num_batches):
+        indices = mine[b * micro_batch_size:(b + 1) * micro_batch_size]
+        batch = collate([examples[i] for i in (indices or [0])], pad_token_id)
+        batch = {name: t.to(engine.device) for name, t in batch.items()}
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if indices:
+            nll = per_example_nll(logits, batch["labels"])
+            totals[0] += nll.double().sum()
+            totals[1] += len(indices)
+    built.partitions.all_reduce_sum(totals)  # each example is counted on exactly one rank
+    if was_training:
+        engine.train()
+    return (totals[0] / totals[1]).item()
