@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ngdiff_ds.cli import add_common_arguments, env_rank, fail  # noqa: E402
+from ngdiff_ds.cli import add_common_arguments, env_rank, fail, model_max_length  # noqa: E402
 from ngdiff_ds.config import ConfigError, engine_config, read_json, validate_ds_config  # noqa: E402
 from ngdiff_ds.data.qa import DataError, StepBatches, encode_split, load_qa_split  # noqa: E402
 
@@ -46,18 +46,19 @@ def main():
 
     try:
         rank, world_size = init_distributed(args.dist_timeout_minutes)
+        log = RunLog(args.output_dir, rank)
         layout = validate_ds_config(raw_config, args.deepspeed, world_size,
                                     args.micro_batch_size, args.grad_accum_steps)
         model = resolve_model(args.model)
         tokenizer = load_tokenizer(model)
+        max_length = model_max_length(model, args.max_length, log)
         records = [r for split in args.splits for r in load_qa_split(args.data, split)]
-        examples, truncated = encode_split(tokenizer, records, args.max_length, "+".join(args.splits))
+        examples, truncated = encode_split(tokenizer, records, max_length, "+".join(args.splits))
         batches = StepBatches(len(examples), layout.micro_batch_size, layout.micro_batches_per_step,
                               world_size, args.seed)
         built = build_engine(model, engine_config(raw_config, layout))
     except (ConfigError, DataError, ModelError, UnsupportedDeepSpeed) as err:
         fail(str(err), rank)
-    log = RunLog(args.output_dir, rank)
     if truncated:
         log.print(f"warning: {truncated} examples were truncated to --max-length {args.max_length}")
     data = TaskData(name="finetune", examples=examples, batches=batches, pad_token_id=tokenizer.pad_token_id)

@@ -24,7 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ngdiff_ds.cli import add_common_arguments, default_cache_dir, env_rank, fail, load_task  # noqa: E402
+from ngdiff_ds.cli import add_common_arguments, default_cache_dir, env_rank, fail, load_task, model_max_length  # noqa: E402
+from ngdiff_ds.adaptive_lr import AdaptiveLRConfig  # noqa: E402
 from ngdiff_ds.combine import COMBINE_RULES  # noqa: E402
 from ngdiff_ds.config import ConfigError, UnlearnSettings, engine_config, read_json, validate_ds_config  # noqa: E402
 from ngdiff_ds.data.qa import DataError  # noqa: E402
@@ -43,6 +44,25 @@ def parse_args():
     parser.add_argument("--combine", choices=sorted(COMBINE_RULES), default="ngdiff")
     parser.add_argument("--forget-loss", choices=sorted(FORGET_LOSSES), default="ga")
     parser.add_argument("--log-every", type=int, default=1)
+    rate = parser.add_argument_group("adaptive learning rate (GeN parabola fit; on by default)")
+    defaults = AdaptiveLRConfig()
+    rate.add_argument("--no-adaptive-lr", dest="adaptive_lr", action="store_false",
+                      help="keep the learning rate fixed (times --lr-schedule)")
+    rate.add_argument("--lr-period", type=int, default=defaults.period,
+                      help="phi: fit the rate every this many steps")
+    rate.add_argument("--probe-loss", choices=["retain", "forget", "both"], default=defaults.probe_loss)
+    rate.add_argument("--probe-multiples", type=float, nargs="+", default=list(defaults.multiples),
+                      help="step multiples s where the probe loss is measured (must include 0)")
+    rate.add_argument("--lr-smoothing", type=float, default=defaults.smoothing,
+                      help="beta in lr <- (1-beta) lr + beta clip(s* lr)")
+    rate.add_argument("--lr-clip", type=float, nargs=2, default=[defaults.clip_low, defaults.clip_high],
+                      metavar=("LOW", "HIGH"), help="proposal clipped to [LOW lr, HIGH lr]")
+    rate.add_argument("--lr-warmup-steps", type=int, default=defaults.warmup_steps,
+                      help="steps before the first fit")
+    rate.add_argument("--lr-schedule", choices=["constant", "linear", "cosine"], default=defaults.schedule,
+                      help="factor multiplied on the fitted rate, decaying over --max-steps")
+    rate.add_argument("--lr-min-factor", type=float, default=defaults.min_schedule_factor,
+                      help="final value of the linear/cosine schedule factor")
     parser.add_argument("--eval-batch-size", type=int, default=32)
     return parser.parse_args()
 
@@ -61,7 +81,13 @@ def main():
         retain_split = args.retain_split or tofu_retain_split(args.forget_split)
         if args.max_steps < 1:
             raise ConfigError(f"--max-steps must be at least 1, got {args.max_steps}")
-    except ConfigError as err:
+        adaptive = AdaptiveLRConfig(
+            enabled=args.adaptive_lr, period=args.lr_period, probe_loss=args.probe_loss,
+            multiples=args.probe_multiples, smoothing=args.lr_smoothing, clip_low=args.lr_clip[0],
+            clip_high=args.lr_clip[1], warmup_steps=args.lr_warmup_steps, schedule=args.lr_schedule,
+            total_steps=args.max_steps, min_schedule_factor=args.lr_min_factor)
+        adaptive.validate()
+    except (ConfigError, ValueError) as err:
         fail(str(err), rank)
 
     # Heavy imports after the cheap checks, so a typo fails in a second, not ten.
@@ -79,7 +105,8 @@ def main():
         fail(str(err), rank)
     log = RunLog(args.output_dir, rank)
     settings = UnlearnSettings(max_steps=args.max_steps, lr=args.lr, combine=args.combine,
-                               forget_loss=args.forget_loss, seed=args.seed, log_every=args.log_every)
+                               forget_loss=args.forget_loss, seed=args.seed, log_every=args.log_every,
+                               adaptive=adaptive)
     try:
         if args.model is None or args.data is None:
             defaults = ensure_default_assets(default_cache_dir(args.cache_dir), retain_split, rank,
@@ -87,9 +114,10 @@ def main():
         model = resolve_model(args.model) if args.model else defaults["model_full"]
         data = args.data if args.data else defaults["data"]
         tokenizer = load_tokenizer(model)
-        forget = load_task("forget", data, args.forget_split, tokenizer, args.max_length, layout,
+        max_length = model_max_length(model, args.max_length, log)
+        forget = load_task("forget", data, args.forget_split, tokenizer, max_length, layout,
                            args.seed, log)
-        retain = load_task("retain", data, retain_split, tokenizer, args.max_length, layout,
+        retain = load_task("retain", data, retain_split, tokenizer, max_length, layout,
                            args.seed + 1, log)
         built = build_engine(model, engine_config(raw_config, layout))
     except (ConfigError, DataError, ModelError, UnsupportedDeepSpeed) as err:
@@ -121,6 +149,7 @@ def main():
                "retain_split": retain_split, "world_size": world_size,
                "global_batch_per_task": layout.global_batch_size, "steps": args.max_steps,
                "skipped_steps": sum(s.skipped for s in history),
+               "adaptive_lr": settings.lr_state.to_dict() if args.adaptive_lr else None,
                "before": before, "after": after}
     if rank == 0:
         (Path(args.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -31,7 +31,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the embedded default is built and cached "
                              "(default: $NGDIFF_DS_CACHE or ~/.cache/ngdiff_ds)")
     parser.add_argument("--max-length", type=int, default=256,
-                        help="tokens per example; longer answers are truncated with a warning")
+                        help="tokens per example (capped at the model's max_position_embeddings); "
+                             "longer answers are truncated with a warning")
     parser.add_argument("--micro-batch-size", type=int, default=None,
                         help="must agree with train_micro_batch_size_per_gpu when the JSON sets it")
     parser.add_argument("--grad-accum-steps", type=int, default=None,
@@ -54,6 +55,18 @@ def load_task(name: str, data: str, split: str, tokenizer, max_length: int, layo
                           layout.world_size, seed)
     return TaskData(name=name, examples=examples, batches=batches,
                     pad_token_id=tokenizer.pad_token_id)
+
+
+def model_max_length(model: str, requested: int, log: RunLog) -> int:
+    """``requested`` capped at the longest sequence the model's positions allow."""
+    from transformers import AutoConfig
+
+    limit = getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None)
+    if limit is not None and requested > limit:
+        log.print(f"warning: --max-length {requested} exceeds the model's max_position_embeddings "
+                  f"{limit}; sequences are truncated to {limit} tokens")
+        return limit
+    return requested
 
 
 def default_cache_dir(cli_value: str | None) -> Path:

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from ngdiff_ds.adaptive_lr import AdaptiveLRConfig, AdaptiveLRState
 
 SUPPORTED_OPTIMIZERS = ("AdamW", "Adam", "SGD")
 
@@ -180,3 +182,5 @@ class UnlearnSettings:
     seed: int = 0
     log_every: int = 1
     max_consecutive_skips: int = 10    # abort instead of burning GPU hours on a NaN model
+    adaptive: AdaptiveLRConfig = field(default_factory=AdaptiveLRConfig)  # GeN rate (on by default)
+    lr_state: AdaptiveLRState | None = None  # resumed rate state; None starts from `lr`

@@ -30,8 +30,8 @@ from ngdiff_ds.trainer import TaskData, run_finetune
 VERSION = "default-v1"
 NUM_AUTHORS = 100
 FINETUNE_GLOBAL_BATCH = 64
-FINETUNE_EPOCHS = 30
-FINETUNE_PEAK_LR = 3e-3
+FINETUNE_EPOCHS = 20
+FINETUNE_PEAK_LR = 5e-3
 FINETUNE_MAX_LENGTH = 96
 
 
@@ -96,7 +96,10 @@ def _finetune(root: Path, out_name: str, splits: list[str], rank: int, world_siz
               f"({len(examples)} QA pairs, {steps} steps, {world_size} rank(s)); done once, "
               f"cached in {root}")
     built = build_engine(str(root / "init"), ds_config)
-    loss = run_finetune(built, data, steps, FINETUNE_PEAK_LR, log, rank)
+    # The fine-tune's own metrics go next to the model, not into the caller's run.
+    finetune_log = RunLog(root / "logs" / out_name, rank, tensorboard=False)
+    loss = run_finetune(built, data, steps, FINETUNE_PEAK_LR, finetune_log, rank)
+    finetune_log.close()
     log.print(f"{out_name}: final training loss {loss:.4f}")
     save_hf_model(built, tokenizer, root / out_name)
     del built

@@ -35,7 +35,22 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
 
     check_deepspeed_version()
     deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes), verbose=False)
+    _share_cpu_threads()
     return dist.get_rank(), dist.get_world_size()
+
+
+def _share_cpu_threads() -> None:
+    """On CPU, give each local rank its share of the cores unless OMP_NUM_THREADS says otherwise.
+
+    torch defaults every process to all cores, so N ranks on one host oversubscribe them N
+    times; on 2 cores with 2 ranks that cost about 25 % of the step time here.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
 
 
 def barrier() -> None:

@@ -17,19 +17,21 @@ def _jsonable(value):
 class RunLog:
     """Appends one JSON object per record to ``metrics.jsonl`` and mirrors scalars to TensorBoard.
 
-    On ranks other than 0 every method is a no-op, so callers need no rank checks.
+    On ranks other than 0 every method is a no-op, so callers need no rank checks. Files are
+    opened at the first record, so a run refused at start-up leaves no output directory.
     """
 
     def __init__(self, out_dir: str | Path, rank: int, tensorboard: bool = True):
         self.enabled = rank == 0
         self.out_dir = Path(out_dir)
+        self.tensorboard = tensorboard
         self._jsonl = None
         self._writer = None
-        if not self.enabled:
-            return
+
+    def _open(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.out_dir / "metrics.jsonl", "a", buffering=1)
-        if tensorboard:
+        if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
@@ -38,6 +40,8 @@ class RunLog:
         """Write ``values`` for ``step``; numeric entries also go to TensorBoard as kind/name."""
         if not self.enabled:
             return
+        if self._jsonl is None:
+            self._open()
         row = {"kind": kind, "step": step, **{k: _jsonable(v) for k, v in values.items()}}
         self._jsonl.write(json.dumps(row) + "\n")
         if self._writer is not None:

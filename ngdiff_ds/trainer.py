@@ -8,7 +8,9 @@ combine.py / losses.py. One NGDiff step (design.md, steps 1-5):
 2. reset, retain micro-batches: the retain gradient is left in the partition;
 3. one all-reduce of the local Gram sums (and the losses) gives both global norms;
 4. the direction d = a*g_r + b*g_f is formed in place in the partition;
-5. set the learning rate and step.
+5. set the learning rate and step;
+6. on a fit step of the adaptive rate (GeN), probe the loss along the step just taken and
+   restore the weights; ``adaptive_lr.update`` turns the probe losses into the next rate.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from ngdiff_ds import adaptive_lr
 from ngdiff_ds.combine import COMBINE_RULES, Gram, combine_in_place, local_gram
 from ngdiff_ds.config import UnlearnSettings
 from ngdiff_ds.data.qa import StepBatches, collate
@@ -79,15 +82,61 @@ class StepStats:
     lr: float
     step_time: float
     tokens_per_s: float
+    probe_losses: list[float] | None = None  # in the order of the probe multiples
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        values = dict(self.__dict__)
+        values.pop("probe_losses")  # logged with the fit it belongs to
+        return values
+
+
+def _probe_task_loss(built: TrainingEngine, micro_batches, loss_fn) -> float:
+    """This rank's mean of ``loss_fn`` over the micro-batches at the current weights (no grad)."""
+    total = 0.0
+    with torch.no_grad():
+        for batch in micro_batches:
+            logits = built.engine(input_ids=batch["input_ids"],
+                                  attention_mask=batch["attention_mask"]).logits
+            total += float(loss_fn(logits, batch["labels"])) / len(micro_batches)
+    return total
+
+
+def _probe_losses(built: TrainingEngine, step_delta: torch.Tensor, multiples, probe_loss: str,
+                  loss_at_zero: float, forget_micro_batches, retain_micro_batches,
+                  forget_loss_fn) -> list[float]:
+    """Probe loss at theta_old + s * delta for each multiple s, weights restored afterwards.
+
+    The current weights are theta_old + delta, so multiple s is reached by adding (s - 1) *
+    delta. L(0) is the loss the step's own forward already measured. The optimizer is never
+    called here, so its moments and step counts are untouched.
+    """
+    partitions = built.partitions
+    probes = [(forget_micro_batches, forget_loss_fn)] if probe_loss in ("forget", "both") else []
+    if probe_loss in ("retain", "both"):
+        probes.append((retain_micro_batches, answer_nll))
+    local = torch.zeros(len(multiples), dtype=torch.float64)
+    partitions.begin_probes()
+    for i, multiple in enumerate(multiples):
+        if multiple == 0:
+            continue
+        partitions.perturb_weights(step_delta, multiple - 1.0)
+        local[i] = sum(_probe_task_loss(built, batches, fn) for batches, fn in probes)
+    partitions.end_probes()
+    # Sum over data-parallel ranks of per-rank means; / world gives the global-batch mean.
+    local = local.to(step_delta.device)
+    partitions.all_reduce_sum(local)
+    values = (local / built.engine.world_size).tolist()
+    return [loss_at_zero if m == 0 else v for m, v in zip(multiples, values)]
 
 
 def ngdiff_step(built: TrainingEngine, forget_micro_batches, retain_micro_batches,
                 forget_loss_fn, combine_rule, lr: float, forget_grad: torch.Tensor,
-                step: int) -> StepStats:
-    """One NGDiff step; ``forget_grad`` is a preallocated buffer of this rank's partition size."""
+                step: int, probe_multiples=None, probe_loss: str = "retain") -> StepStats:
+    """One NGDiff step; ``forget_grad`` is a preallocated buffer of this rank's partition size.
+
+    With ``probe_multiples`` the step is followed by the learning-rate probes; ``forget_grad``,
+    free once the direction is formed, holds the step taken (no extra full-size buffer).
+    """
     start = time.perf_counter()
     partitions = built.partitions
 
@@ -106,22 +155,34 @@ def ngdiff_step(built: TrainingEngine, forget_micro_batches, retain_micro_batche
     world = built.engine.world_size if hasattr(built.engine, "world_size") else 1
     gram = Gram(forget_sq=totals[0], retain_sq=totals[1], dot=totals[2])
 
+    forget_loss_mean, retain_loss_mean = totals[3] / world, totals[4] / world
     skipped = not gram.is_usable
+    probe_values = None
     if not skipped:
         retain_coef, forget_coef = combine_rule(gram)
         combine_in_place(retain_grad, forget_grad, retain_coef, forget_coef)
         partitions.commit_direction()
+        if probe_multiples is not None:
+            partitions.copy_master_to(forget_grad)  # theta_old
         set_learning_rate(built.engine, lr)
         built.engine.step()
+        if probe_multiples is not None:
+            partitions.subtract_from_master(forget_grad)  # delta = theta_new - theta_old
+            loss_at_zero = {"retain": retain_loss_mean, "forget": forget_loss_mean,
+                            "both": retain_loss_mean + forget_loss_mean}[probe_loss]
+            probe_values = _probe_losses(built, forget_grad, probe_multiples, probe_loss,
+                                         loss_at_zero, forget_micro_batches,
+                                         retain_micro_batches, forget_loss_fn)
     else:
         # Never hand a NaN/zero direction to the optimizer; DeepSpeed would skip silently.
         partitions.reset_grads()
 
     elapsed = time.perf_counter() - start
-    return StepStats(step=step, skipped=skipped, forget_loss=totals[3] / world,
-                     retain_loss=totals[4] / world, forget_grad_norm=gram.forget_norm,
+    return StepStats(step=step, skipped=skipped, forget_loss=forget_loss_mean,
+                     retain_loss=retain_loss_mean, forget_grad_norm=gram.forget_norm,
                      retain_grad_norm=gram.retain_norm, cosine=gram.cosine, lr=lr,
-                     step_time=elapsed, tokens_per_s=totals[5] / elapsed)
+                     step_time=elapsed, tokens_per_s=totals[5] / elapsed,
+                     probe_losses=probe_values)
 
 
 class TooManySkippedSteps(RuntimeError):
@@ -130,21 +191,39 @@ class TooManySkippedSteps(RuntimeError):
 
 def run_unlearning(built: TrainingEngine, forget: TaskData, retain: TaskData,
                    settings: UnlearnSettings, log: RunLog, rank: int) -> list[StepStats]:
-    """The NGDiff loop: ``settings.max_steps`` steps, logged every ``log_every``."""
+    """The NGDiff loop: ``settings.max_steps`` steps, logged every ``log_every``.
+
+    The final adaptive-rate state is left in ``settings.lr_state`` (checkpoints carry it).
+    """
     engine = built.engine
     combine_rule = COMBINE_RULES[settings.combine]
     forget_loss_fn = FORGET_LOSSES[settings.forget_loss]
-    lr = settings.lr if settings.lr is not None else engine.optimizer.param_groups[0]["lr"]
+    start_lr = settings.lr if settings.lr is not None else engine.optimizer.param_groups[0]["lr"]
+    rate = settings.adaptive
+    lr_state = settings.lr_state or adaptive_lr.AdaptiveLRState(lr=start_lr)
     forget_grad = torch.empty_like(built.partitions.flat_grad)  # the one extra partition
     history = []
     consecutive_skips = 0
     progress = tqdm(range(settings.max_steps), desc="ngdiff", disable=rank != 0, dynamic_ncols=True)
     for step in progress:
+        lr = adaptive_lr.effective_lr(lr_state, rate, step)
+        fit_now = adaptive_lr.is_fit_step(rate, step + 1)
         stats = ngdiff_step(built, forget.micro_batches(step, rank, engine.device),
                             retain.micro_batches(step, rank, engine.device),
-                            forget_loss_fn, combine_rule, lr, forget_grad, step)
+                            forget_loss_fn, combine_rule, lr, forget_grad, step,
+                            probe_multiples=rate.multiples if fit_now else None,
+                            probe_loss=rate.probe_loss)
         history.append(stats)
         log.record("train", step, stats.as_dict())
+        if stats.probe_losses is not None:
+            lr_state, fit = adaptive_lr.update(lr_state, rate, stats.probe_losses)
+            log.record("lr_fit", step, {k: v for k, v in fit.to_dict().items()
+                                        if not isinstance(v, list)})
+            log.print(f"step {step:5d} | lr fit: {rate.probe_loss} loss "
+                      + ", ".join(f"L({m:+g})={v:.4f}" for m, v in zip(fit.multiples, fit.losses))
+                      + f" -> {fit.reason}"
+                      + (f", s*={fit.optimal_multiple:.3g}" if fit.accepted else "")
+                      + f"; base lr {fit.lr_before:.3g} -> {fit.lr_after:.3g}")
         if stats.skipped:
             consecutive_skips += 1
             log.print(f"step {step}: SKIPPED (forget_grad_norm={stats.forget_grad_norm:.4g}, "
@@ -162,6 +241,7 @@ def run_unlearning(built: TrainingEngine, forget: TaskData, retain: TaskData,
                       f"{stats.retain_loss:7.4f} | |g_f| {stats.forget_grad_norm:9.4g} | |g_r| "
                       f"{stats.retain_grad_norm:9.4g} | cos {stats.cosine:+.3f} | lr {stats.lr:.3g}"
                       f" | {stats.step_time * 1000:6.0f} ms | {stats.tokens_per_s:8.0f} tok/s")
+    settings.lr_state = lr_state
     return history
 
 

@@ -38,6 +38,7 @@ _REQUIRED_OPTIMIZER_ATTRIBUTES = (
     "micro_step_id",                       # overwrite-vs-accumulate switch of the grad buffer
     "offload_optimizer",                   # True when step() reads the fp32 .grad on CPU
     "_partition_all_parameters",           # releases gathered weights back to partitions
+    "persistent_parameters",               # small params kept gathered; re-gathered after edits
 )
 
 
@@ -102,6 +103,7 @@ class ZeroPartitions:
         """This rank's gradient slice of all trainable parameters (a live buffer)."""
         return self.optimizer.grad_partitions_flat_buffer.narrow(0, 0, self.numel)
 
+    @torch.no_grad()
     def reset_grads(self) -> None:
         """Start a fresh accumulation: the next backward overwrites, absent grads read 0.
 
@@ -112,6 +114,7 @@ class ZeroPartitions:
         self.optimizer.zero_grad()
         self.flat_grad.zero_()
 
+    @torch.no_grad()
     def commit_direction(self) -> None:
         """Make ``step()`` use what is now in the flat buffer as the gradient.
 
@@ -136,7 +139,7 @@ class ZeroPartitions:
         if dist.is_initialized() and dist.get_world_size(self.optimizer.dp_process_group) > 1:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.optimizer.dp_process_group)
 
-    # ----- weights ---------------------------------------------------------------------
+    # ----- weights (for the learning-rate probes) --------------------------------------
     @property
     def master_weights(self) -> list[torch.Tensor]:
         """fp32 master slices, one per sub-group (updated by the optimizer)."""
@@ -147,36 +150,73 @@ class ZeroPartitions:
         """Low-precision slices the forward gathers from (``param.ds_tensor`` views)."""
         return list(self.optimizer.fp16_partitioned_groups_flat)
 
-    def release_gathered_weights(self) -> None:
-        """Put every gathered parameter back to its partition.
+    def _forward_aliases_master(self) -> bool:
+        # In fp32 without offload DeepSpeed uses one tensor for both (stage3.py: "autocast ...
+        # aliases"); editing the forward weights then edits the master too.
+        return any(f.data_ptr() == m.data_ptr()
+                   for f, m in zip(self.forward_weights, self.master_weights))
 
-        The forward only gathers parameters that are not already resident, so before and
-        after editing the partitions everything must be released or a forward silently
-        reads stale full weights.
-        """
-        self.optimizer._partition_all_parameters()
-
-    def copy_master_to(self, out: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def copy_master_to(self, out: torch.Tensor) -> None:
         """Copy this rank's fp32 master slices into the flat tensor ``out``."""
         for chunk, master in zip(out.narrow(0, 0, self.numel).split(self.group_numels),
                                  self.master_weights):
             chunk.copy_(master)
-        return out
 
-    def set_forward_weights(self, offset_direction: torch.Tensor | None, scale: float) -> None:
-        """Forward weights <- master + scale * offset_direction (None: the master itself).
+    @torch.no_grad()
+    def subtract_from_master(self, inout: torch.Tensor) -> None:
+        """``inout <- master - inout`` in place (turns theta_old into the step just taken)."""
+        inout.neg_()
+        for chunk, master in zip(inout.narrow(0, 0, self.numel).split(self.group_numels),
+                                 self.master_weights):
+            chunk.add_(master)
 
-        Restoring with ``offset_direction=None`` is bit-exact: between steps the
-        low-precision weights are exactly the cast of the fp32 master.
+    @torch.no_grad()
+    def begin_probes(self) -> None:
+        """Remember the current weights so ``end_probes`` can restore them bit for bit.
+
+        Between steps the forward weights are exactly the cast of the master, so the master
+        is the backup — unless the two are one tensor (fp32), in which case the current
+        weights are copied into the gradient partition, free until the next backward.
         """
-        self.release_gathered_weights()
-        chunks = (offset_direction.narrow(0, 0, self.numel).split(self.group_numels)
-                  if offset_direction is not None else [None] * len(self.group_numels))
-        for forward, master, offset in zip(self.forward_weights, self.master_weights, chunks):
-            if offset is None:
-                forward.copy_(master)
+        self._probe_source = self.master_weights
+        if self._forward_aliases_master():
+            if self.flat_grad.dtype != self.master_weights[0].dtype:
+                raise UnsupportedDeepSpeed("gradient buffer dtype differs from aliased weights")
+            self.copy_master_to(self.flat_grad)
+            self._probe_source = list(self.flat_grad.split(self.group_numels))
+
+    def perturb_weights(self, step_delta: torch.Tensor, scale: float) -> None:
+        """Forward weights <- current weights + ``scale`` * ``step_delta`` (flat, this rank)."""
+        self._write_forward_weights(step_delta if scale != 0 else None, scale)
+
+    def end_probes(self) -> None:
+        """Restore the weights saved by ``begin_probes`` exactly."""
+        self._write_forward_weights(None, 0.0)
+        self._probe_source = None
+
+    @torch.no_grad()
+    def _write_forward_weights(self, offset: torch.Tensor | None, scale: float) -> None:
+        # The forward only gathers parameters that are not resident: release them all so the
+        # next forward reads the edited partitions (optimizer._partition_all_parameters).
+        self.optimizer._partition_all_parameters()
+        offsets = (offset.narrow(0, 0, self.numel).split(self.group_numels) if offset is not None
+                   else [None] * len(self.group_numels))
+        for forward, source, chunk in zip(self.forward_weights, self._probe_source, offsets):
+            if chunk is None:
+                forward.copy_(source)
+            elif source.dtype == forward.dtype:
+                torch.add(source, chunk, alpha=scale, out=forward)
             else:
-                forward.copy_(master.to(torch.float32) + scale * offset.to(torch.float32))
+                forward.copy_(torch.add(source, chunk.to(source.dtype), alpha=scale))
+        # Parameters below stage3_param_persistence_threshold are never released; they are
+        # re-gathered from their partitions as DeepSpeed's own _post_step does
+        # (optimizer.persistent_parameters, ds_tensor.all_gather).
+        persistent = self.optimizer.persistent_parameters
+        if len(persistent) > 0:
+            persistent[0].all_gather(persistent)
+        if hasattr(self.optimizer, "invalidate_secondary_tensor"):
+            self.optimizer.invalidate_secondary_tensor()  # ZeRO++ hpZ copies are now stale
 
 
 def consolidated_state_dict(engine) -> dict | None:

@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny TOFU-schema data set, tokenizer and Llama, built once per session."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+DEEPSPEED = str(Path(PYTHON).parent / "deepspeed")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_env(**extra) -> dict:
+    """Environment for DeepSpeed on CPU (gloo), quiet, offline."""
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def single_rank_env(**extra) -> dict:
+    """What a launcher exports, for running a launch script as a 1-rank job with plain python."""
+    return cpu_env(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, LOCAL_SIZE=1, MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=free_port(), **extra)
+
+
+def run_deepspeed(num_ranks: int, script: str, args: list[str], timeout: float = 600, **env):
+    """Run ``script`` under the real ``deepspeed`` launcher on CPU; returns CompletedProcess."""
+    command = [DEEPSPEED, "--num_gpus", str(num_ranks), "--master_port", str(free_port()), script, *args]
+    return subprocess.run(command, cwd=REPO, env=cpu_env(**env), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """{'data': dir, 'model': dir} — 10 fictitious authors and a 2-layer Llama (fp32)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ngdiff_ds.data.synthetic import benchmark_texts, generate_benchmark
+    from ngdiff_ds.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny")
+    generate_benchmark(root / "data", seed=1, num_authors=10)
+    tokenizer = train_tokenizer(benchmark_texts(root / "data"), root / "tokenizer", vocab_size=400)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(root / "model", safe_serialization=True)
+    tokenizer.save_pretrained(root / "model")
+    return {"data": str(root / "data"), "model": str(root / "model"), "root": root}
