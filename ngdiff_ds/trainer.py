@@ -101,41 +101,35 @@ def _probe_task_loss(built: TrainingEngine, micro_batches, loss_fn) -> float:
     return total
 
 
-def _probe_losses(built: TrainingEngine, step_delta: torch.Tensor, multiples, probe_loss: str,
-                  loss_at_zero: float, forget_micro_batches, retain_micro_batches,
-                  forget_loss_fn) -> list[float]:
+def _probe_losses(built: TrainingEngine, step_delta: torch.Tensor, multiples,
+                  probes) -> list[float]:
     """Probe loss at theta_old + s * delta for each multiple s, weights restored afterwards.
 
-    The current weights are theta_old + delta, so multiple s is reached by adding (s - 1) *
-    delta. L(0) is the loss the step's own forward already measured. The optimizer is never
-    called here, so its moments and step counts are untouched.
+    ``probes`` is a list of (micro-batches, loss function) whose losses are summed. The current
+    weights are theta_old + delta, so multiple s is reached by adding (s - 1) * delta. The
+    optimizer is never called here, so its moments and step counts are untouched.
     """
     partitions = built.partitions
-    probes = [(forget_micro_batches, forget_loss_fn)] if probe_loss in ("forget", "both") else []
-    if probe_loss in ("retain", "both"):
-        probes.append((retain_micro_batches, answer_nll))
     local = torch.zeros(len(multiples), dtype=torch.float64)
     partitions.begin_probes()
     for i, multiple in enumerate(multiples):
-        if multiple == 0:
-            continue
         partitions.perturb_weights(step_delta, multiple - 1.0)
         local[i] = sum(_probe_task_loss(built, batches, fn) for batches, fn in probes)
     partitions.end_probes()
     # Sum over data-parallel ranks of per-rank means; / world gives the global-batch mean.
     local = local.to(step_delta.device)
     partitions.all_reduce_sum(local)
-    values = (local / built.engine.world_size).tolist()
-    return [loss_at_zero if m == 0 else v for m, v in zip(multiples, values)]
+    return (local / built.engine.world_size).tolist()
 
 
 def ngdiff_step(built: TrainingEngine, forget_micro_batches, retain_micro_batches,
                 forget_loss_fn, combine_rule, lr: float, forget_grad: torch.Tensor,
-                step: int, probe_multiples=None, probe_loss: str = "retain") -> StepStats:
+                step: int, probe_multiples=None, probes=None) -> StepStats:
     """One NGDiff step; ``forget_grad`` is a preallocated buffer of this rank's partition size.
 
-    With ``probe_multiples`` the step is followed by the learning-rate probes; ``forget_grad``,
-    free once the direction is formed, holds the step taken (no extra full-size buffer).
+    With ``probe_multiples`` the step is followed by the learning-rate probes on ``probes``
+    (list of (micro-batches, loss function)); ``forget_grad``, free once the direction is
+    formed, holds the step taken, so the probes need no extra full-size buffer.
     """
     start = time.perf_counter()
     partitions = built.partitions
@@ -168,11 +162,7 @@ def ngdiff_step(built: TrainingEngine, forget_micro_batches, retain_micro_batche
         built.engine.step()
         if probe_multiples is not None:
             partitions.subtract_from_master(forget_grad)  # delta = theta_new - theta_old
-            loss_at_zero = {"retain": retain_loss_mean, "forget": forget_loss_mean,
-                            "both": retain_loss_mean + forget_loss_mean}[probe_loss]
-            probe_values = _probe_losses(built, forget_grad, probe_multiples, probe_loss,
-                                         loss_at_zero, forget_micro_batches,
-                                         retain_micro_batches, forget_loss_fn)
+            probe_values = _probe_losses(built, forget_grad, probe_multiples, probes)
     else:
         # Never hand a NaN/zero direction to the optimizer; DeepSpeed would skip silently.
         partitions.reset_grads()
@@ -183,6 +173,19 @@ def ngdiff_step(built: TrainingEngine, forget_micro_batches, retain_micro_batche
                      retain_grad_norm=gram.retain_norm, cosine=gram.cosine, lr=lr,
                      step_time=elapsed, tokens_per_s=totals[5] / elapsed,
                      probe_losses=probe_values)
+
+
+def _probe_batches(probe_loss: str, forget: TaskData, retain: TaskData, forget_loss_fn,
+                   step: int, rank: int, device) -> list:
+    """The probe data: the micro-batches of the NEXT step, i.e. examples the step was not
+    computed on. Probing on the step's own batch always looks downhill (the direction
+    contains that batch's normalised retain gradient) and drives the rate up without bound."""
+    probes = []
+    if probe_loss in ("forget", "both"):
+        probes.append((forget.micro_batches(step, rank, device), forget_loss_fn))
+    if probe_loss in ("retain", "both"):
+        probes.append((retain.micro_batches(step, rank, device), answer_nll))
+    return probes
 
 
 class TooManySkippedSteps(RuntimeError):
@@ -212,7 +215,8 @@ def run_unlearning(built: TrainingEngine, forget: TaskData, retain: TaskData,
                             retain.micro_batches(step, rank, engine.device),
                             forget_loss_fn, combine_rule, lr, forget_grad, step,
                             probe_multiples=rate.multiples if fit_now else None,
-                            probe_loss=rate.probe_loss)
+                            probes=_probe_batches(rate.probe_loss, forget, retain, forget_loss_fn,
+                                                  step + 1, rank, engine.device) if fit_now else None)
         history.append(stats)
         log.record("train", step, stats.as_dict())
         if stats.probe_losses is not None:

@@ -17,7 +17,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ngdiff_ds.adaptive_lr import AdaptiveLRConfig  # noqa: E402
+from ngdiff_ds.combine import COMBINE_RULES  # noqa: E402
 from ngdiff_ds.config import BatchLayout, UnlearnSettings, engine_config  # noqa: E402
+from ngdiff_ds.losses import gradient_ascent_loss  # noqa: E402
+from ngdiff_ds.trainer import ngdiff_step  # noqa: E402
 from ngdiff_ds.cli import load_task  # noqa: E402
 from ngdiff_ds.engine import build_engine, init_distributed, load_tokenizer  # noqa: E402
 from ngdiff_ds.run_log import RunLog  # noqa: E402
@@ -43,21 +47,83 @@ def main():
             "train_micro_batch_size_per_gpu": scenario["micro"],
             "zero_optimization": {"stage": 3, **scenario.get("zero", {})},
             "optimizer": scenario["optimizer"],
-            "bf16": {"enabled": False},
+            "bf16": {"enabled": scenario.get("bf16", False)},
+            "data_types": {"grad_accum_dtype": "fp32"},
         }, layout)
         forget = load_task("forget", args.data, "forget10", tokenizer, 64, layout, seed=3, log=log)
         retain = load_task("retain", args.data, "retain90", tokenizer, 64, layout, seed=4, log=log)
+        if scenario.get("kind") == "probe_restore":
+            probe_restore(args.model, ds_config, forget, retain, out / scenario["name"], rank)
+            continue
+        adaptive = AdaptiveLRConfig(**scenario["adaptive"]) if "adaptive" in scenario else \
+            AdaptiveLRConfig(enabled=False)
         for steps in scenario["save_after"]:
             built = build_engine(args.model, ds_config)
-            settings = UnlearnSettings(max_steps=steps, combine=scenario.get("combine", "ngdiff"))
+            settings = UnlearnSettings(max_steps=steps, combine=scenario.get("combine", "ngdiff"),
+                                       adaptive=adaptive)
             history = run_unlearning(built, forget, retain, settings, log, rank)
+            name = f"{scenario['name']}_step{steps}"
+            if scenario.get("replay_without_probes"):
+                # The same steps again on a fresh engine at the rates the probed run used.
+                replay = build_engine(args.model, ds_config)
+                buffer = torch.empty_like(replay.partitions.flat_grad)
+                for stats in history:
+                    ngdiff_step(replay, forget.micro_batches(stats.step, rank, replay.engine.device),
+                                retain.micro_batches(stats.step, rank, replay.engine.device),
+                                gradient_ascent_loss, COMBINE_RULES["ngdiff"], stats.lr, buffer,
+                                stats.step)
+                for label, engine in (("probed", built.engine), ("replay", replay.engine)):
+                    torch.save(optimizer_state(engine), out / f"{name}_{label}_rank{rank}.pt")
+                del replay
             state = consolidated_state_dict(built.engine)
             if rank == 0:
-                name = f"{scenario['name']}_step{steps}"
                 torch.save({k: v.clone() for k, v in state.items()}, out / f"{name}.pt")
-                (out / f"{name}.json").write_text(json.dumps([s.as_dict() for s in history]))
+                (out / f"{name}.json").write_text(json.dumps(
+                    [dict(s.as_dict(), probe_losses=s.probe_losses) for s in history]))
             del built
     log.close()
+
+
+def optimizer_state(engine) -> dict:
+    """This rank's torch optimizer state on the fp32 partitions, plus the master weights."""
+    inner = engine.optimizer.optimizer
+    state = {f"group{i}": {k: (v.clone() if torch.is_tensor(v) else v) for k, v in inner.state[p].items()}
+             for i, p in enumerate(inner.param_groups[0]["params"])}
+    state["master"] = [m.detach().clone() for m in engine.optimizer.fp32_partitioned_groups_flat]
+    return state
+
+
+def probe_restore(model, ds_config, forget, retain, out: Path, rank: int) -> None:
+    """One step, then perturb + forward + restore: record weights and losses around it."""
+    built = build_engine(model, ds_config)
+    partitions = built.partitions
+    buffer = torch.empty_like(partitions.flat_grad)
+    device = built.engine.device
+    ngdiff_step(built, forget.micro_batches(0, rank, device), retain.micro_batches(0, rank, device),
+                gradient_ascent_loss, COMBINE_RULES["ngdiff"], 1e-3, buffer, 0)
+    batch = retain.micro_batches(1, rank, device)[0]
+
+    def loss() -> float:
+        with torch.no_grad():
+            logits = built.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(),
+                                                           batch["input_ids"].flatten()))
+
+    before_weights = [w.clone() for w in partitions.forward_weights]
+    before_master = [w.clone() for w in partitions.master_weights]
+    loss_before = loss()
+    offset = torch.randn(partitions.numel, generator=torch.Generator().manual_seed(rank)) * 1e-2
+    partitions.begin_probes()
+    partitions.perturb_weights(offset, -2.0)
+    loss_perturbed = loss()
+    partitions.end_probes()
+    loss_after = loss()
+    identical = all(torch.equal(a, b) for a, b in zip(before_weights, partitions.forward_weights)) and \
+        all(torch.equal(a, b) for a, b in zip(before_master, partitions.master_weights))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{rank}.json").write_text(json.dumps({
+        "identical": identical, "loss_before": loss_before, "loss_perturbed": loss_perturbed,
+        "loss_after": loss_after}))
 
 
 if __name__ == "__main__":

@@ -42,10 +42,44 @@ def _make_optimizer(model, optimizer_config: dict):
     return cls(model.parameters(), **params)
 
 
+def _retain_loss_at(model, examples, indices, params, theta, offset=None, scale=0.0) -> float:
+    """Retain loss with the weights set to theta (+ scale * offset), weights left as they were."""
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        start = 0
+        for p in params:
+            value = theta[start:start + p.numel()]
+            if offset is not None:
+                value = value + scale * offset[start:start + p.numel()]
+            p.copy_(value.view_as(p).to(p.dtype))
+            start += p.numel()
+        loss = torch.stack([_example_nll(model, examples[i]) for i in indices]).mean().item()
+        for p, old in zip(params, saved):
+            p.copy_(old)
+    return loss
+
+
+def _fitted_rate(lr: float, losses: list[float], adaptive: dict) -> float:
+    """GeN with probes at s = -1, 0, +1: exact parabola, accept if convex and downhill."""
+    import numpy as np
+
+    curvature, slope, _ = np.polyfit([-1.0, 0.0, 1.0], losses, 2)
+    if not (curvature > 1e-8 * abs(losses[1]) and slope < 0):
+        return lr
+    proposal = min(max(-slope / (2 * curvature) * lr, adaptive["clip_low"] * lr),
+                   adaptive["clip_high"] * lr)
+    return (1 - adaptive["smoothing"]) * lr + adaptive["smoothing"] * proposal
+
+
 def reference_run(model_dir: str, data_dir: str, optimizer_config: dict, global_batch: int,
                   steps: int, forget_seed: int = 3, retain_seed: int = 4, max_length: int = 64,
-                  lrs: list[float] | None = None):
-    """Return (state_dict after ``steps`` NGDiff steps, per-step stats dicts)."""
+                  lrs: list[float] | None = None, adaptive: dict | None = None):
+    """Return (state_dict after ``steps`` NGDiff steps, per-step stats dicts).
+
+    ``adaptive`` (keys period, smoothing, clip_low, clip_high) turns on the GeN rate with the
+    retain loss probed at theta_old - delta, theta_old and theta_old + delta after every
+    ``period``-th step, on the next step's retain batch.
+    """
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.train()
@@ -55,13 +89,15 @@ def reference_run(model_dir: str, data_dir: str, optimizer_config: dict, global_
         examples, _ = encode_split(tokenizer, load_qa_split(data_dir, split), max_length, split)
         tasks[name] = (examples, StepBatches(len(examples), global_batch, 1, 1, seed))
     stats = []
+    params = list(model.parameters())
+    lr = optimizer.param_groups[0]["lr"]
     for step in range(steps):
         losses, grads = {}, {}
         for name, (examples, batches) in tasks.items():
             indices = batches.global_batch_indices(step)
             nll = torch.stack([_example_nll(model, examples[i]) for i in indices]).mean()
             task_loss = -nll if name == "forget" else nll  # gradient ascent on the forget set
-            losses[name] = float(task_loss)
+            losses[name] = float(task_loss.detach())
             grads[name] = _flat_grad(model, task_loss)
         forget_norm = grads["forget"].norm().item()
         retain_norm = grads["retain"].norm().item()
@@ -71,11 +107,25 @@ def reference_run(model_dir: str, data_dir: str, optimizer_config: dict, global_
             p.grad = direction[offset:offset + p.numel()].view_as(p).to(p.dtype).clone()
             offset += p.numel()
         if lrs is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = lrs[step]
+            lr = lrs[step]
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        theta_old = torch.cat([p.detach().reshape(-1).double() for p in params])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        stats.append({"forget_loss": losses["forget"], "retain_loss": losses["retain"],
-                      "forget_grad_norm": forget_norm, "retain_grad_norm": retain_norm,
-                      "cosine": float(grads["forget"] @ grads["retain"]) / (forget_norm * retain_norm)})
+        record = {"forget_loss": losses["forget"], "retain_loss": losses["retain"],
+                  "forget_grad_norm": forget_norm, "retain_grad_norm": retain_norm,
+                  "cosine": float(grads["forget"] @ grads["retain"]) / (forget_norm * retain_norm),
+                  "lr": lr}
+        if adaptive is not None and step % adaptive["period"] == 0:
+            theta_new = torch.cat([p.detach().reshape(-1).double() for p in params])
+            delta = theta_new - theta_old
+            examples, batches = tasks["retain"]
+            indices = batches.global_batch_indices(step + 1)  # probe on the next step's batch
+            probes = [_retain_loss_at(model, examples, indices, params, theta_old, delta, -1.0),
+                      _retain_loss_at(model, examples, indices, params, theta_old),
+                      _retain_loss_at(model, examples, indices, params, theta_new)]
+            record["probe_losses"] = probes
+            lr = _fitted_rate(lr, probes, adaptive)
+        stats.append(record)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, stats

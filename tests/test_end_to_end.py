@@ -1,0 +1,103 @@
+"""The README's main command through the real ``deepspeed`` launcher, with a step limit.
+
+It builds the embedded default from scratch (data, tokenizer, two fine-tuned tiny Llamas:
+about 4-5 minutes on 2 CPU cores), unlearns, and the test then checks the outputs against an
+independent evaluation of the saved models in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+
+import pytest
+import torch
+
+from tests.conftest import DEEPSPEED, REPO, cpu_env, free_port
+from tests.reference import _example_nll
+
+STEPS = 40
+# The forget answers must become clearly less likely, the retain answers must not.
+MIN_FORGET_NLL_RATIO = 2.0   # after / before, mean per-example NLL on forget10
+MAX_RETAIN_NLL_INCREASE = 0.15  # after - before, nats, on retain90
+
+
+def readme_main_command() -> list[str]:
+    """The command of the README's first set-up block (after the install part)."""
+    text = (REPO / "README.md").read_text()
+    lines = [line for line in text.splitlines()
+             if "launch/unlearn.py --deepspeed ds_configs/zero3.json" in line and "--num_gpus 2" in line]
+    assert lines, "README lost its main command"
+    return shlex.split(lines[0].split("&&")[-1].strip())
+
+
+def mean_nll(model_dir, data_dir, split) -> float:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ngdiff_ds.data.qa import encode_split, load_qa_split
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    examples, _ = encode_split(tokenizer, load_qa_split(str(data_dir), split), 256, split)
+    with torch.no_grad():
+        return torch.stack([_example_nll(model, e) for e in examples]).double().mean().item()
+
+
+@pytest.fixture(scope="module")
+def main_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    words = readme_main_command()
+    env_assignments = dict(w.split("=", 1) for w in words if "=" in w and not w.startswith("-"))
+    command = [w for w in words if w not in {f"{k}={v}" for k, v in env_assignments.items()}]
+    assert command[0] == "deepspeed"
+    command = [DEEPSPEED, "--master_port", str(free_port()), *command[1:],
+               "--max-steps", str(STEPS), "--cache-dir", str(root / "cache"),
+               "--output-dir", str(root / "out"), "--log-every", "5"]
+    result = subprocess.run(command, cwd=REPO, env=cpu_env(**env_assignments), capture_output=True,
+                            text=True, timeout=1500)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return root, result
+
+
+def test_writes_metrics_tensorboard_and_summary(main_run):
+    root, result = main_run
+    rows = [json.loads(line) for line in (root / "out" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(STEPS))
+    for key in ("forget_loss", "retain_loss", "forget_grad_norm", "retain_grad_norm", "cosine",
+                "lr", "step_time", "tokens_per_s"):
+        assert all(isinstance(r[key], float) for r in train), key
+    assert any(r["kind"] == "lr_fit" for r in rows), "the adaptive rate is on by default"
+    assert list((root / "out" / "tensorboard").glob("events.out.tfevents.*"))
+    assert "answer NLL" in result.stdout
+
+
+def test_saved_model_forgot_and_kept_utility(main_run):
+    root, _ = main_run
+    summary = json.loads((root / "out" / "summary.json").read_text())
+    data = root / "cache" / "default-v1" / "data"
+    before_model = root / "cache" / "default-v1" / "model_full"
+    after_model = root / "out" / "model"
+    assert (after_model / "model.safetensors").is_file()
+    # Independent evaluation of both HF directories in this process (no DeepSpeed).
+    forget_before = mean_nll(before_model, data, "forget10")
+    forget_after = mean_nll(after_model, data, "forget10")
+    retain_before = mean_nll(before_model, data, "retain90")
+    retain_after = mean_nll(after_model, data, "retain90")
+    # The run's own sharded evaluation agrees with it.
+    assert summary["before"]["forget_nll"] == pytest.approx(forget_before, rel=1e-3)
+    assert summary["after"]["forget_nll"] == pytest.approx(forget_after, rel=1e-3)
+    assert summary["after"]["retain_nll"] == pytest.approx(retain_after, rel=1e-3)
+    numbers = (f"forget {forget_before:.3f} -> {forget_after:.3f}, "
+               f"retain {retain_before:.3f} -> {retain_after:.3f}")
+    assert forget_after >= MIN_FORGET_NLL_RATIO * forget_before, numbers
+    assert retain_after - retain_before <= MAX_RETAIN_NLL_INCREASE, numbers
+
+
+def test_retain_only_reference_model_was_built(main_run):
+    root, _ = main_run
+    reference = root / "cache" / "default-v1" / "model_retain90"
+    data = root / "cache" / "default-v1" / "data"
+    # Trained on retain90 only: it knows the retain authors far better than the forget ones.
+    assert mean_nll(reference, data, "forget10") > 2 * mean_nll(reference, data, "retain90")
