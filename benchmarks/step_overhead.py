@@ -7,10 +7,14 @@
 (a) floor: stock DeepSpeed ZeRO-3 doing the same forward/backward work — K forget and K
     retain micro-batches accumulated with gradient_accumulation_steps = 2K, one optimizer
     step (same compute, same reduce-scatters, no NGDiff);
-(b) the NGDiff step (ngdiff_ds.trainer.ngdiff_step) on the same model, data and optimizer.
+(b) the NGDiff step (ngdiff_ds.trainer.ngdiff_step) on the same model, data and optimizer;
+(c) NGDiff with the adaptive rate, probing after every step (phi = 1) and after every
+    --period-th step (the default phi = 8), on the next step's retain batch as in training.
 
 Both engines are built up front and timed in alternating blocks, so drift in machine load
-hits both alike. Printed: median step times and their ratio (target <= 1.05), the extra
+hits all alike. Printed: median step times and their ratio (target <= 1.05); mean step times
+(fits included) with the adaptive rate against plain NGDiff (target <= 1.15 at the default
+phi); the extra
 memory NGDiff keeps (the forget-gradient copy, target <= 1 gradient partition) and, on
 CUDA, each mode's peak memory above what was allocated when its step began.
 """
@@ -26,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ngdiff_ds.adaptive_lr import AdaptiveLRConfig  # noqa: E402
 from ngdiff_ds.combine import COMBINE_RULES  # noqa: E402
 from ngdiff_ds.config import BatchLayout, engine_config  # noqa: E402
 from ngdiff_ds.engine import build_engine, init_distributed  # noqa: E402
@@ -42,9 +47,12 @@ def parse_args():
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--accum", type=int, default=1, help="K micro-batches per task per step")
-    parser.add_argument("--steps", type=int, default=12, help="timed steps per mode")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--block", type=int, default=3, help="steps per alternating block")
+    parser.add_argument("--steps", type=int, default=16, help="timed steps per mode")
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--block", type=int, default=8,
+                        help="steps per alternating block (a multiple of --period)")
+    parser.add_argument("--period", type=int, default=AdaptiveLRConfig().period,
+                        help="default phi of the adaptive rate")
     parser.add_argument("--optimizer", default="AdamW", choices=["AdamW", "SGD"])
     parser.add_argument("--bf16", action="store_true")
     return parser.parse_args()
@@ -122,17 +130,28 @@ def main():
         return (to(random_batches(args, rank, args.accum, 2 * step)),
                 to(random_batches(args, rank, args.accum, 2 * step + 1)))
 
-    times = {"floor": [], "ngdiff": []}
-    peaks = {"floor": [], "ngdiff": []}
+    multiples = AdaptiveLRConfig().multiples
+
+    def gen_step(f, r, step, period):
+        fit = step % period == 0
+        next_retain = batches(step + 1)[1] if fit else None
+        ngdiff_step(ngdiff, f, r, gradient_ascent_loss, rule, 1e-5, forget_grad, step,
+                    probe_multiples=multiples if fit else None,
+                    probes=[(next_retain, answer_nll)] if fit else None)
+
     runs = {
         "floor": lambda f, r, step: floor_step(floor, f, r),
         "ngdiff": lambda f, r, step: ngdiff_step(ngdiff, f, r, gradient_ascent_loss, rule, 1e-5,
                                                  forget_grad, step),
+        "gen_phi1": lambda f, r, step: gen_step(f, r, step, 1),
+        f"gen_phi{args.period}": lambda f, r, step: gen_step(f, r, step, args.period),
     }
+    times = {mode: [] for mode in runs}
+    peaks = {mode: [] for mode in runs}
     total = args.warmup + args.steps
     step = 0
     while min(len(v) for v in times.values()) < total:
-        for mode in ("floor", "ngdiff"):
+        for mode in runs:
             for i in range(args.block):
                 forget_batches, retain_batches = batches(step + i)
                 synchronize()
@@ -150,6 +169,7 @@ def main():
     if rank != 0:
         return
     median = {mode: statistics.median(v[args.warmup:total]) for mode, v in times.items()}
+    mean = {mode: statistics.mean(v[args.warmup:total]) for mode, v in times.items()}
     partition_bytes = ngdiff.partitions.flat_grad.numel() * ngdiff.partitions.flat_grad.element_size()
     extra_bytes = forget_grad.numel() * forget_grad.element_size()
     params = sum(p.ds_numel for p in ngdiff.model.parameters())
@@ -158,10 +178,13 @@ def main():
           f"{'bf16' if args.bf16 else 'fp32'}; {args.steps} timed steps per mode")
     print(f"median step time  floor {median['floor'] * 1000:8.1f} ms | ngdiff "
           f"{median['ngdiff'] * 1000:8.1f} ms | ratio ngdiff/floor {median['ngdiff'] / median['floor']:.3f}")
+    for mode in (m for m in runs if m.startswith("gen_")):
+        print(f"adaptive rate {mode[4:]:>5s}: mean step {mean[mode] * 1000:8.1f} ms vs NGDiff "
+              f"{mean['ngdiff'] * 1000:8.1f} ms | ratio {mean[mode] / mean['ngdiff']:.3f}")
     print(f"extra memory kept by NGDiff: {extra_bytes / 2**20:.2f} MiB = "
           f"{extra_bytes / partition_bytes:.2f} x this rank's gradient partition")
     if peaks["floor"]:
-        peak = {mode: max(v[args.warmup:total]) for mode, v in peaks.items()}
+        peak = {mode: max(v[args.warmup:total]) for mode, v in peaks.items() if mode in ("floor", "ngdiff")}
         print(f"peak memory above step start  floor {peak['floor'] / 2**20:.1f} MiB | ngdiff "
               f"{peak['ngdiff'] / 2**20:.1f} MiB | difference "
               f"{(peak['ngdiff'] - peak['floor']) / partition_bytes:+.2f} gradient partitions")

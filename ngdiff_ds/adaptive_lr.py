@@ -69,7 +69,7 @@ class AdaptiveLRConfig:
     """Settings of the parabola-fit rate; ``validate()`` raises ValueError naming the field."""
 
     enabled: bool = True
-    period: int = 4  # phi: fit every `period` steps
+    period: int = 8  # phi: fit every `period` steps (8 keeps the probe cost under ~10 %)
     probe_loss: str = "retain"  # "retain" | "forget" | "both" (used by the engine)
     multiples: tuple[float, ...] = (-1.0, 0.0, 1.0)
     smoothing: float = 0.5  # beta in lr <- (1-beta)*lr + beta*clip(s* * lr)

@@ -50,23 +50,23 @@ class TaskData:
         return out
 
 
-def _task_backward(built: TrainingEngine, micro_batches, loss_fn) -> tuple[float, int]:
+def _task_backward(built: TrainingEngine, micro_batches, loss_fn) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulate the gradient of ``loss_fn`` averaged over the micro-batches (and ranks).
 
-    Returns this rank's mean loss and number of input tokens. Each micro-batch loss is
-    divided by K so that K backwards sum to the mean; DeepSpeed's reduce-scatter averages
-    over the data-parallel ranks.
+    Returns this rank's mean loss and number of input tokens as float64 tensors on the device
+    (no host sync per micro-batch). Each micro-batch loss is divided by K so that K backwards
+    sum to the mean; DeepSpeed's reduce-scatter averages over the data-parallel ranks.
     """
     engine = built.engine
     built.partitions.reset_grads()
-    loss_sum = 0.0
-    tokens = 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+    tokens = torch.zeros((), dtype=torch.float64, device=engine.device)
     for batch in micro_batches:
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss = loss_fn(logits, batch["labels"]) / len(micro_batches)
         engine.backward(loss)
-        loss_sum += float(loss.detach())
-        tokens += int(batch["attention_mask"].sum())
+        loss_sum += loss.detach()
+        tokens += batch["attention_mask"].sum()
     return loss_sum, tokens
 
 
@@ -141,12 +141,11 @@ def ngdiff_step(built: TrainingEngine, forget_micro_batches, retain_micro_batche
 
     # One all-reduce for everything global: the three Gram sums (disjoint slices -> sums over
     # ranks are the global sums) plus the losses and token counts (summed, then averaged).
-    local = torch.cat([local_gram(forget_grad, retain_grad),
-                       torch.tensor([forget_loss, retain_loss, forget_tokens + retain_tokens],
-                                    dtype=torch.float64)]).to(retain_grad.device)
+    local = torch.cat([local_gram(forget_grad, retain_grad).to(forget_loss.device),
+                       torch.stack([forget_loss, retain_loss, forget_tokens + retain_tokens])])
     partitions.all_reduce_sum(local)
     totals = local.tolist()
-    world = built.engine.world_size if hasattr(built.engine, "world_size") else 1
+    world = built.engine.world_size
     gram = Gram(forget_sq=totals[0], retain_sq=totals[1], dot=totals[2])
 
     forget_loss_mean, retain_loss_mean = totals[3] / world, totals[4] / world
@@ -265,10 +264,9 @@ def run_finetune(built: TrainingEngine, data: TaskData, steps: int, peak_lr: flo
         else:
             progress_fraction = (step - warmup_steps) / max(1, steps - warmup_steps)
             lr = peak_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_fraction)))
-        local_loss, _ = _task_backward(built, data.micro_batches(step, rank, engine.device), answer_nll)
+        total, _ = _task_backward(built, data.micro_batches(step, rank, engine.device), answer_nll)
         set_learning_rate(engine, lr)
         engine.step()
-        total = torch.tensor([local_loss], dtype=torch.float64, device=engine.device)
         built.partitions.all_reduce_sum(total)  # sum of rank means -> mean over the global batch
         loss = total.item() / engine.world_size
         log.record("finetune", step, {"loss": loss, "lr": lr})
