@@ -55,6 +55,9 @@ def main():
         if scenario.get("kind") == "probe_restore":
             probe_restore(args.model, ds_config, forget, retain, out / scenario["name"], rank)
             continue
+        if scenario.get("kind") == "nan_skip":
+            nan_skip(args.model, ds_config, forget, retain, out / scenario["name"], rank)
+            continue
         adaptive = AdaptiveLRConfig(**scenario["adaptive"]) if "adaptive" in scenario else \
             AdaptiveLRConfig(enabled=False)
         for steps in scenario["save_after"]:
@@ -91,6 +94,31 @@ def optimizer_state(engine) -> dict:
              for i, p in enumerate(inner.param_groups[0]["params"])}
     state["master"] = [m.detach().clone() for m in engine.optimizer.fp32_partitioned_groups_flat]
     return state
+
+
+def nan_skip(model, ds_config, forget, retain, out: Path, rank: int) -> None:
+    """A forget loss that is NaN on rank 1 only: the step must be skipped on every rank."""
+    built = build_engine(model, ds_config)
+    before = [w.clone() for w in built.partitions.master_weights]
+    buffer = torch.empty_like(built.partitions.flat_grad)
+    device = built.engine.device
+
+    def poisoned_loss(logits, labels):
+        loss = gradient_ascent_loss(logits, labels)
+        return loss * float("nan") if rank == 1 else loss
+
+    stats = ngdiff_step(built, forget.micro_batches(0, rank, device), retain.micro_batches(0, rank, device),
+                        poisoned_loss, COMBINE_RULES["ngdiff"], 1e-3, buffer, 0)
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, built.partitions.master_weights))
+    finite = all(bool(torch.isfinite(w).all()) for w in built.partitions.master_weights)
+    # and the engine still trains normally afterwards
+    after = ngdiff_step(built, forget.micro_batches(1, rank, device), retain.micro_batches(1, rank, device),
+                        gradient_ascent_loss, COMBINE_RULES["ngdiff"], 1e-3, buffer, 1)
+    moved = not all(torch.equal(a, b) for a, b in zip(before, built.partitions.master_weights))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{rank}.json").write_text(json.dumps({
+        "skipped": stats.skipped, "unchanged": unchanged, "finite": finite,
+        "next_skipped": after.skipped, "next_moved": moved}))
 
 
 def probe_restore(model, ds_config, forget, retain, out: Path, rank: int) -> None:

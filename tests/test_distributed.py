@@ -35,6 +35,11 @@ TWO_RANK_SCENARIOS = [
      "accum": 1, "save_after": [4], "adaptive": ADAPTIVE},
     {"name": "gen_adamw", "optimizer": ADAMW, "micro": 2, "accum": 1, "save_after": [4],
      "adaptive": {**ADAPTIVE, "period": 2}, "replay_without_probes": True},
+    {"name": "nan_skip", "kind": "nan_skip", "optimizer": ADAMW, "micro": 2, "accum": 1},
+    # optimizer and parameters offloaded to CPU, with probes every step
+    {"name": "gen_offload", "optimizer": ADAMW, "micro": 2, "accum": 1, "save_after": [3],
+     "adaptive": ADAPTIVE, "zero": {"offload_optimizer": {"device": "cpu"},
+                                    "offload_param": {"device": "cpu"}}},
     {"name": "restore_fp32", "kind": "probe_restore", "optimizer": ADAMW, "micro": 2, "accum": 1},
     {"name": "restore_bf16", "kind": "probe_restore", "optimizer": ADAMW, "micro": 2, "accum": 1,
      "bf16": True},
@@ -147,3 +152,21 @@ def test_probe_restores_weights_bit_exactly(two_rank_results, name):
         assert result["identical"], result
         assert result["loss_perturbed"] != result["loss_before"], "the forward saw no perturbation"
         assert result["loss_after"] == result["loss_before"], result
+
+
+def test_offloaded_optimizer_and_params_match_reference(two_rank_results, tiny_assets):
+    """ZeRO-Offload (optimizer + parameters on CPU): direction, probes and rate still exact."""
+    state, stats = _load(two_rank_results, "gen_offload", 3)
+    expected_state, expected = reference_run(tiny_assets["model"], tiny_assets["data"], ADAMW,
+                                             GLOBAL_BATCH, 3, adaptive=ADAPTIVE)
+    assert [s["lr"] for s in stats] == pytest.approx([e["lr"] for e in expected], rel=1e-4)
+    for got, want in zip(stats, expected):
+        assert got["probe_losses"] == pytest.approx(want["probe_losses"], rel=1e-5)
+    _assert_same_weights(state, expected_state, WEIGHT_ATOL, "offload after 3 steps")
+
+
+def test_non_finite_norm_skips_the_step_on_every_rank(two_rank_results):
+    for rank in (0, 1):
+        result = json.loads((two_rank_results / "nan_skip" / f"rank{rank}.json").read_text())
+        assert result == {"skipped": True, "unchanged": True, "finite": True,
+                          "next_skipped": False, "next_moved": True}, (rank, result)
