@@ -132,19 +132,18 @@ def main():
 
     multiples = AdaptiveLRConfig().multiples
 
-    def gen_step(f, r, step, period):
+    def gen_step(f, r, step, period, next_retain):
         fit = step % period == 0
-        next_retain = batches(step + 1)[1] if fit else None
         ngdiff_step(ngdiff, f, r, gradient_ascent_loss, rule, 1e-5, forget_grad, step,
                     probe_multiples=multiples if fit else None,
                     probes=[(next_retain, answer_nll)] if fit else None)
 
     runs = {
-        "floor": lambda f, r, step: floor_step(floor, f, r),
-        "ngdiff": lambda f, r, step: ngdiff_step(ngdiff, f, r, gradient_ascent_loss, rule, 1e-5,
-                                                 forget_grad, step),
-        "gen_phi1": lambda f, r, step: gen_step(f, r, step, 1),
-        f"gen_phi{args.period}": lambda f, r, step: gen_step(f, r, step, args.period),
+        "floor": lambda f, r, step, nxt: floor_step(floor, f, r),
+        "ngdiff": lambda f, r, step, nxt: ngdiff_step(ngdiff, f, r, gradient_ascent_loss, rule, 1e-5,
+                                                      forget_grad, step),
+        "gen_phi1": lambda f, r, step, nxt: gen_step(f, r, step, 1, nxt),
+        f"gen_phi{args.period}": lambda f, r, step, nxt: gen_step(f, r, step, args.period, nxt),
     }
     times = {mode: [] for mode in runs}
     peaks = {mode: [] for mode in runs}
@@ -154,12 +153,13 @@ def main():
         for mode in runs:
             for i in range(args.block):
                 forget_batches, retain_batches = batches(step + i)
+                next_retain = batches(step + i + 1)[1]  # probe data, built outside the timing
                 synchronize()
                 if torch.cuda.is_available():
                     torch.cuda.reset_peak_memory_stats()
                     start_memory = torch.cuda.memory_allocated()
                 start = time.perf_counter()
-                runs[mode](forget_batches, retain_batches, step + i)
+                runs[mode](forget_batches, retain_batches, step + i, next_retain)
                 synchronize()
                 times[mode].append(time.perf_counter() - start)
                 if torch.cuda.is_available():

@@ -60,7 +60,7 @@ def main():
     except (ConfigError, DataError, ModelError, UnsupportedDeepSpeed) as err:
         fail(str(err), rank)
     if truncated:
-        log.print(f"warning: {truncated} examples were truncated to --max-length {args.max_length}")
+        log.print(f"warning: {truncated} examples were truncated to {max_length} tokens")
     data = TaskData(name="finetune", examples=examples, batches=batches, pad_token_id=tokenizer.pad_token_id)
     lr = built.engine.optimizer.param_groups[0]["lr"]
     loss = run_finetune(built, data, args.steps, lr, log, rank, warmup_steps=args.warmup_steps)

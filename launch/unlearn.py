@@ -22,6 +22,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ngdiff_ds.cli import add_common_arguments, default_cache_dir, env_rank, fail, load_task, model_max_length  # noqa: E402
@@ -79,8 +81,15 @@ def main():
     try:
         raw_config = read_json(args.deepspeed)
         retain_split = args.retain_split or tofu_retain_split(args.forget_split)
-        if args.max_steps < 1:
-            raise ConfigError(f"--max-steps must be at least 1, got {args.max_steps}")
+        for flag, value in (("--max-steps", args.max_steps), ("--log-every", args.log_every),
+                            ("--eval-batch-size", args.eval_batch_size)):
+            if value < 1:
+                raise ConfigError(f"{flag} must be at least 1, got {value}")
+        if args.lr is not None and not args.lr > 0:
+            raise ConfigError(f"--lr must be positive, got {args.lr}")
+        if (args.model is None) != (args.data is None):
+            raise ConfigError("pass both --model and --data, or neither (the embedded default); "
+                              "the default model only knows the default data and vice versa")
         adaptive = AdaptiveLRConfig(
             enabled=args.adaptive_lr, period=args.lr_period, probe_loss=args.probe_loss,
             multiples=args.probe_multiples, smoothing=args.lr_smoothing, clip_low=args.lr_clip[0],
@@ -108,11 +117,11 @@ def main():
                                forget_loss=args.forget_loss, seed=args.seed, log_every=args.log_every,
                                adaptive=adaptive)
     try:
-        if args.model is None or args.data is None:
+        if args.model is None:
             defaults = ensure_default_assets(default_cache_dir(args.cache_dir), retain_split, rank,
                                              world_size, log)
         model = resolve_model(args.model) if args.model else defaults["model_full"]
-        data = args.data if args.data else defaults["data"]
+        data = args.data or defaults["data"]
         tokenizer = load_tokenizer(model)
         max_length = model_max_length(model, args.max_length, log)
         forget = load_task("forget", data, args.forget_split, tokenizer, max_length, layout,
@@ -120,6 +129,11 @@ def main():
         retain = load_task("retain", data, retain_split, tokenizer, max_length, layout,
                            args.seed + 1, log)
         built = build_engine(model, engine_config(raw_config, layout))
+        if adaptive.enabled and built.partitions.flat_grad.dtype != torch.float32:
+            # The probes keep theta_old and the step in the gradient buffer: in bf16, noise.
+            raise ConfigError(f"{args.deepspeed}: the adaptive learning rate needs fp32 gradient "
+                              "accumulation; set data_types.grad_accum_dtype to \"fp32\" or pass "
+                              "--no-adaptive-lr")
     except (ConfigError, DataError, ModelError, UnsupportedDeepSpeed) as err:
         fail(str(err), rank)
 

@@ -2,8 +2,8 @@
 
 After a step with rate ``lr`` moved the weights by ``delta`` (for SGD and AdamW ``delta`` is
 linear in ``lr``), the engine evaluates a probe loss ``L(s) = loss(theta_old + s * delta)`` at a
-few step multiples ``s`` (default ``-1, 0, +1``: ``L(0)`` is the loss already known from the
-step's forward, ``L(+1)`` is the loss at the current weights). This module turns those numbers
+few step multiples ``s`` (default ``-1, 0, +1``; ``L(+1)`` is the loss at the current weights;
+the trainer measures them on the next step's batch, see trainer.py). This module turns those numbers
 into the next rate; it is pure Python plus a float64 ``torch.linalg.lstsq`` and knows nothing of
 DeepSpeed.
 

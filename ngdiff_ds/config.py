@@ -86,6 +86,12 @@ def validate_ds_config(config: dict, source: str, world_size: int,
     ``micro_batch_size`` / ``grad_accum_steps`` are the command-line values (None when not
     given); when given they must agree with the file.
     """
+    for section in ("zero_optimization", "fp16", "bf16", "optimizer", "data_types"):
+        if section in config and not isinstance(config[section], dict):
+            raise ConfigError(f"{source}: \"{section}\" must be a JSON object, got "
+                              f"{type(config[section]).__name__}")
+    if "optimizer" in config and not isinstance(config["optimizer"].get("params", {}), dict):
+        raise ConfigError(f"{source}: optimizer.params must be a JSON object")
     auto = _find_auto_values(config)
     if auto:
         raise ConfigError(f"{source}: \"auto\" is only filled in by the HF Trainer; write numbers "
@@ -157,7 +163,9 @@ def engine_config(config: dict, layout: BatchLayout, use_bf16: bool | None = Non
     if "bf16" not in derived:
         if bf16_supported() if use_bf16 is None else use_bf16:
             derived["bf16"] = {"enabled": True}
-            derived.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+    if uses_bf16(derived):
+        # Capture both task gradients (and keep the probes' theta_old) in fp32.
+        derived.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     # We build nothing ourselves, but a torch optimizer chosen via "torch_adam" or SGD under
     # ZeRO offload is "untested" in DeepSpeed's eyes.
     derived["zero_allow_untested_optimizer"] = True

@@ -10,8 +10,9 @@ Built once under a cache directory and reused; anything missing is rebuilt. Layo
                                          (the "never saw the forget set" reference)
 
 The fine-tunes run through the same ZeRO-3 engine (``launch/finetune.py`` does the same for
-any model and data), on however many ranks the job has. Their global batch is fixed, so the
-cached models do not depend on the number of ranks.
+any model and data), on however many ranks the job has. Their global batch is fixed at 64
+when the number of ranks divides 64, so the cached models do not depend on it (other rank
+counts round the per-rank batch down).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ class RunLog:
 
     def _open(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.out_dir / "metrics.jsonl", "a", buffering=1)
+        self._jsonl = open(self.out_dir / "metrics.jsonl", "w", buffering=1)  # one run per file
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -111,13 +111,15 @@ def _probe_losses(built: TrainingEngine, step_delta: torch.Tensor, multiples,
     """
     partitions = built.partitions
     local = torch.zeros(len(multiples), dtype=torch.float64)
+    built.engine.eval()  # dropout would give each multiple a different mask: fit to noise
     partitions.begin_probes()
     for i, multiple in enumerate(multiples):
         partitions.perturb_weights(step_delta, multiple - 1.0)
         local[i] = sum(_probe_task_loss(built, batches, fn) for batches, fn in probes)
     partitions.end_probes()
+    built.engine.train()
     # Sum over data-parallel ranks of per-rank means; / world gives the global-batch mean.
-    local = local.to(step_delta.device)
+    local = local.to(built.engine.device)  # the group's backend (NCCL) needs device tensors
     partitions.all_reduce_sum(local)
     return (local / built.engine.world_size).tolist()
 

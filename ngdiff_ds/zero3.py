@@ -86,6 +86,10 @@ class ZeroPartitions:
                 f"the ZeRO-3 optimizer {type(optimizer).__name__} lacks {missing}: "
                 "this DeepSpeed build is not one ngdiff_ds was checked against"
             )
+        if getattr(optimizer, "swap_optimizer", False):
+            raise UnsupportedDeepSpeed(
+                "optimizer state offloaded to NVMe is not supported (offload_optimizer.device "
+                "must be 'cpu' or 'none'): the fp32 master is not resident between steps")
         if any(t is None for t in optimizer.fp16_partitioned_groups_flat):
             raise UnsupportedDeepSpeed(
                 "parameters offloaded to NVMe are not supported (offload_param.device must be "
@@ -205,7 +209,7 @@ class ZeroPartitions:
         for forward, source, chunk in zip(self.forward_weights, self._probe_source, offsets):
             if chunk is None:
                 forward.copy_(source)
-            elif source.dtype == forward.dtype:
+            elif source.dtype == forward.dtype and source.device == forward.device:
                 torch.add(source, chunk, alpha=scale, out=forward)
             else:
                 forward.copy_(torch.add(source, chunk.to(source.dtype), alpha=scale))

@@ -112,3 +112,20 @@ def test_batch_size_disagreeing_with_command_line(tmp_path, tiny_assets):
     result = run_unlearn(tmp_path, tiny_assets["model"], tiny_assets["data"],
                          extra=["--micro-batch-size", "3"])
     assert_refused(result, "train_micro_batch_size_per_gpu is 2", "--micro-batch-size 3")
+
+
+def test_data_without_model_is_refused(tmp_path, tiny_assets):
+    command = [PYTHON, "launch/unlearn.py", "--deepspeed", "ds_configs/zero3.json",
+               "--data", tiny_assets["data"], "--output-dir", str(tmp_path / "out")]
+    result = subprocess.run(command, cwd=REPO, env=single_rank_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert_refused(result, "--model and --data")
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--lr", "0"], "--lr must be positive"),
+    (["--log-every", "0"], "--log-every must be at least 1"),
+])
+def test_bad_numeric_flags(tmp_path, tiny_assets, flags, needle):
+    result = run_unlearn(tmp_path, tiny_assets["model"], tiny_assets["data"], extra=flags)
+    assert_refused(result, needle)

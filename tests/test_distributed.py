@@ -24,6 +24,7 @@ ADAMW = {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1
                                      "weight_decay": 0.01, "torch_adam": True}}
 GLOBAL_BATCH = 4  # examples of each task per step, in every layout below
 ADAPTIVE = {"period": 1, "smoothing": 0.5, "clip_low": 0.1, "clip_high": 10.0}
+NO_PERSISTENT = {"stage3_param_persistence_threshold": 0}
 
 TWO_RANK_SCENARIOS = [
     {"name": "sgd", "optimizer": SGD, "micro": 2, "accum": 1, "save_after": [1, 3]},
@@ -31,8 +32,10 @@ TWO_RANK_SCENARIOS = [
     {"name": "sgd_accum2", "optimizer": SGD, "micro": 1, "accum": 2, "save_after": [3]},
     {"name": "adamw_accum2", "optimizer": ADAMW, "micro": 1, "accum": 2, "save_after": [3]},
     # adaptive learning rate (GeN): probes after every step, starting far too small
+    # (persistence threshold 0: every parameter is released and re-gathered around the probes,
+    # as in a large model; the tiny model is otherwise entirely "persistent")
     {"name": "gen_sgd", "optimizer": {"type": "SGD", "params": {"lr": 0.01}}, "micro": 2,
-     "accum": 1, "save_after": [4], "adaptive": ADAPTIVE},
+     "accum": 1, "save_after": [4], "adaptive": ADAPTIVE, "zero": NO_PERSISTENT},
     {"name": "gen_adamw", "optimizer": ADAMW, "micro": 2, "accum": 1, "save_after": [4],
      "adaptive": {**ADAPTIVE, "period": 2}, "replay_without_probes": True},
     {"name": "nan_skip", "kind": "nan_skip", "optimizer": ADAMW, "micro": 2, "accum": 1},
@@ -40,7 +43,8 @@ TWO_RANK_SCENARIOS = [
     {"name": "gen_offload", "optimizer": ADAMW, "micro": 2, "accum": 1, "save_after": [3],
      "adaptive": ADAPTIVE, "zero": {"offload_optimizer": {"device": "cpu"},
                                     "offload_param": {"device": "cpu"}}},
-    {"name": "restore_fp32", "kind": "probe_restore", "optimizer": ADAMW, "micro": 2, "accum": 1},
+    {"name": "restore_fp32", "kind": "probe_restore", "optimizer": ADAMW, "micro": 2, "accum": 1,
+     "zero": NO_PERSISTENT},
     {"name": "restore_bf16", "kind": "probe_restore", "optimizer": ADAMW, "micro": 2, "accum": 1,
      "bf16": True},
 ]

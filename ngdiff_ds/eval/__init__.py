@@ -1,0 +1,1 @@
+"""Evaluation of unlearned models (TOFU and MUSE metrics)."""
