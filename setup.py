@@ -23,6 +23,7 @@ setup(
         "numpy>=1.24",
         "scipy>=1.10",
         "rouge-score>=0.1.2",
+        "matplotlib>=3.7",  # the forget-quality vs utility plot
         "pyarrow>=14",
     ],
     extras_require={"test": ["pytest>=8"], "mpi": ["mpich"]},

@@ -66,7 +66,91 @@ def parse_args():
     rate.add_argument("--lr-min-factor", type=float, default=defaults.min_schedule_factor,
                       help="final value of the linear/cosine schedule factor")
     parser.add_argument("--eval-batch-size", type=int, default=32)
+    evaluation = parser.add_argument_group("TOFU evaluation (before, every --eval-every steps, after)")
+    evaluation.add_argument("--eval-every", type=int, default=0, help="0: only before and after")
+    evaluation.add_argument("--no-eval", dest="tofu_eval", action="store_false",
+                            help="skip the TOFU metrics (the answer NLL is still reported)")
+    evaluation.add_argument("--wf-split", default="world_facts",
+                            help="general-fact split for model utility (skipped if the data lacks it)")
+    evaluation.add_argument("--eval-retain-size", type=int, default=200,
+                            help="retain examples scored (the first N of the split)")
+    evaluation.add_argument("--max-new-tokens", type=int, default=48)
+    evaluation.add_argument("--retain-model", default=None,
+                            help="retain-only model for forget quality (default: the embedded one)")
+    evaluation.add_argument("--retain-results", default=None,
+                            help="a saved results JSON of the retain-only model instead of --retain-model")
     return parser.parse_args()
+
+
+class TofuEvaluation:
+    """The TOFU metrics of this run: the retain-only reference once, then each evaluation
+    point; results files, TensorBoard scalars, the table and the trade-off plot."""
+
+    def __init__(self, args, data, forget_split, retain_split, tokenizer, max_length, raw_config,
+                 layout, rank, world_size, log, default_retain_model):
+        from ngdiff_ds.data.qa import load_qa_split
+        from ngdiff_ds.eval.tofu import reference_truth_ratios_from_file
+
+        self.rank, self.world_size, self.log, self.tokenizer = rank, world_size, log, tokenizer
+        self.out_dir = Path(args.output_dir) / "eval"
+        self.options = {"max_length": max_length, "batch_size": args.eval_batch_size,
+                        "max_new_tokens": args.max_new_tokens}
+        self.sets = {"forget": load_qa_split(data, forget_split),
+                     "retain": load_qa_split(data, retain_split)[:args.eval_retain_size]}
+        try:
+            self.sets["wf"] = load_qa_split(data, args.wf_split)
+        except DataError:
+            log.print(f"note: no {args.wf_split!r} split in {data}; model utility uses retain only")
+        self.points, self.columns = [], {}
+        self.reference = None
+        if args.retain_results:
+            self.reference = reference_truth_ratios_from_file(args.retain_results)
+        elif args.retain_model or default_retain_model:
+            self._evaluate_reference(args.retain_model or default_retain_model, raw_config, layout)
+
+    def _evaluate_reference(self, model, raw_config, layout):
+        from ngdiff_ds.config import engine_config
+        from ngdiff_ds.engine import build_engine, resolve_model
+
+        reference = build_engine(resolve_model(model), engine_config(raw_config, layout))
+        results = self._evaluate(reference.engine, None)
+        self.reference = results["forget_truth_ratio"]
+        self._record("retain_model", results, None)
+        del reference
+
+    def _evaluate(self, engine, reference):
+        from ngdiff_ds.eval.tofu import evaluate_tofu
+
+        return evaluate_tofu(engine, self.tokenizer, self.sets, self.rank, self.world_size,
+                             reference_forget_truth_ratios=reference, **self.options)
+
+    def _record(self, tag, results, step):
+        from ngdiff_ds.eval.tofu import write_results
+
+        if self.rank == 0:
+            summary = write_results(results, self.out_dir, tag)
+        else:
+            from ngdiff_ds.eval.metrics import summary as summarise, to_results
+
+            summary = summarise(to_results(results))
+        self.columns[tag] = summary
+        if step is not None:
+            self.log.record("tofu", step, summary)
+            self.points.append({"label": tag, **summary})
+        return summary
+
+    def run(self, engine, tag, step):
+        summary = self._record(tag, self._evaluate(engine, self.reference), step)
+        self.log.print(f"TOFU @ {tag}: " + ", ".join(
+            f"{k} {summary[k]:.4g}" for k in ("forget_quality", "model_utility", "forget_Q_A_ROUGE")
+            if k in summary))
+
+    def finish(self):
+        from ngdiff_ds.eval.tofu import format_table, plot_trajectory
+
+        self.log.print("\nTOFU metrics (forget / retain / world-fact sets; one column per model or point):\n" + format_table(self.columns))
+        if self.rank == 0:
+            plot_trajectory(self.points, self.out_dir / "forget_quality_vs_utility.png")
 
 
 def tofu_retain_split(forget_split: str) -> str:
@@ -82,7 +166,9 @@ def main():
         raw_config = read_json(args.deepspeed)
         retain_split = args.retain_split or tofu_retain_split(args.forget_split)
         for flag, value in (("--max-steps", args.max_steps), ("--log-every", args.log_every),
-                            ("--eval-batch-size", args.eval_batch_size)):
+                            ("--eval-batch-size", args.eval_batch_size),
+                            ("--eval-retain-size", args.eval_retain_size),
+                            ("--max-new-tokens", args.max_new_tokens)):
             if value < 1:
                 raise ConfigError(f"{flag} must be at least 1, got {value}")
         if args.lr is not None and not args.lr > 0:
@@ -147,16 +233,31 @@ def main():
                                           tokenizer.pad_token_id, rank, world_size)
                 for name, task in (("forget_nll", forget), ("retain_nll", retain))}
 
+    tofu = None
+    if args.tofu_eval:
+        try:
+            tofu = TofuEvaluation(args, data, args.forget_split, retain_split, tokenizer, max_length,
+                                  raw_config, layout, rank, world_size, log,
+                                  defaults["model_retain"] if args.model is None else None)
+        except (ConfigError, DataError, ModelError, ValueError) as err:
+            fail(str(err), rank)
+        tofu.run(built.engine, "before", 0)
+
     before = answer_losses()
     log.record("eval", 0, {f"before_{k}": v for k, v in before.items()})
     try:
-        history = run_unlearning(built, forget, retain, settings, log, rank)
+        history = run_unlearning(built, forget, retain, settings, log, rank,
+                                 evaluate=(lambda step: tofu.run(built.engine, f"step{step}", step))
+                                 if tofu else None, eval_every=args.eval_every)
     except TooManySkippedSteps as err:
         log.print(f"error: {err}")
         log.close()
         sys.exit(3)
     after = answer_losses()
     log.record("eval", args.max_steps, {f"after_{k}": v for k, v in after.items()})
+    if tofu:
+        tofu.run(built.engine, "final", args.max_steps)
+        tofu.finish()
     save_hf_model(built, tokenizer, Path(args.output_dir) / "model")
 
     summary = {"model": model, "data": data, "forget_split": args.forget_split,

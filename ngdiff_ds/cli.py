@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from ngdiff_ds.config import BatchLayout
+from ngdiff_ds.config import BatchLayout, ConfigError
 from ngdiff_ds.data.qa import StepBatches, encode_split, load_qa_split
 from ngdiff_ds.run_log import RunLog
 from ngdiff_ds.trainer import TaskData
@@ -30,9 +30,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None,
                         help="where the embedded default is built and cached "
                              "(default: $NGDIFF_DS_CACHE or ~/.cache/ngdiff_ds)")
-    parser.add_argument("--max-length", type=int, default=256,
-                        help="tokens per example (capped at the model's max_position_embeddings); "
-                             "longer answers are truncated with a warning")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="tokens per example (default: 256, or the model's "
+                             "max_position_embeddings if smaller); longer answers are truncated "
+                             "with a warning")
     parser.add_argument("--micro-batch-size", type=int, default=None,
                         help="must agree with train_micro_batch_size_per_gpu when the JSON sets it")
     parser.add_argument("--grad-accum-steps", type=int, default=None,
@@ -57,11 +58,19 @@ def load_task(name: str, data: str, split: str, tokenizer, max_length: int, layo
                     pad_token_id=tokenizer.pad_token_id)
 
 
-def model_max_length(model: str, requested: int, log: RunLog) -> int:
-    """``requested`` capped at the longest sequence the model's positions allow."""
+DEFAULT_MAX_LENGTH = 256
+
+
+def model_max_length(model: str, requested: int | None, log: RunLog) -> int:
+    """``requested`` (None: the default) capped at what the model's positions allow; only an
+    explicit request above the limit is warned about."""
     from transformers import AutoConfig
 
     limit = getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None)
+    if requested is None:
+        return min(DEFAULT_MAX_LENGTH, limit or DEFAULT_MAX_LENGTH)
+    if requested < 1:
+        raise ConfigError(f"--max-length must be at least 1, got {requested}")
     if limit is not None and requested > limit:
         log.print(f"warning: --max-length {requested} exceeds the model's max_position_embeddings "
                   f"{limit}; sequences are truncated to {limit} tokens")

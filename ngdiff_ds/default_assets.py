@@ -2,11 +2,11 @@
 
 Built once under a cache directory and reused; anything missing is rebuilt. Layout::
 
-    <cache>/default-v1/data/             synthetic benchmark (TOFU split files)
-    <cache>/default-v1/tokenizer/        BPE tokenizer trained on that data
-    <cache>/default-v1/init/             randomly initialised tiny Llama
-    <cache>/default-v1/model_full/       fine-tuned on every author + world facts (the model to unlearn)
-    <cache>/default-v1/model_<retain>/   fine-tuned on the retain split + world facts only
+    <cache>/default-v2/data/             synthetic benchmark (TOFU split files)
+    <cache>/default-v2/tokenizer/        BPE tokenizer trained on that data
+    <cache>/default-v2/init/             randomly initialised tiny Llama
+    <cache>/default-v2/model_full/       fine-tuned on every author + world facts (the model to unlearn)
+    <cache>/default-v2/model_<retain>/   fine-tuned on the retain split + world facts only
                                          (the "never saw the forget set" reference)
 
 The fine-tunes run through the same ZeRO-3 engine (``launch/finetune.py`` does the same for
@@ -28,11 +28,11 @@ from ngdiff_ds.engine import barrier, build_engine, load_tokenizer, save_hf_mode
 from ngdiff_ds.run_log import RunLog
 from ngdiff_ds.trainer import TaskData, run_finetune
 
-VERSION = "default-v1"
+VERSION = "default-v2"  # v2: perturbed answers use the paraphrase template
 NUM_AUTHORS = 100
 FINETUNE_GLOBAL_BATCH = 64
 FINETUNE_EPOCHS = 20
-FINETUNE_PEAK_LR = 5e-3
+FINETUNE_PEAK_LR = 3e-3
 FINETUNE_MAX_LENGTH = 96
 
 

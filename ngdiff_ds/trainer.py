@@ -194,10 +194,12 @@ class TooManySkippedSteps(RuntimeError):
 
 
 def run_unlearning(built: TrainingEngine, forget: TaskData, retain: TaskData,
-                   settings: UnlearnSettings, log: RunLog, rank: int) -> list[StepStats]:
+                   settings: UnlearnSettings, log: RunLog, rank: int,
+                   evaluate=None, eval_every: int = 0) -> list[StepStats]:
     """The NGDiff loop: ``settings.max_steps`` steps, logged every ``log_every``.
 
     The final adaptive-rate state is left in ``settings.lr_state`` (checkpoints carry it).
+    ``evaluate(steps_done)`` is called on every rank after every ``eval_every`` steps.
     """
     engine = built.engine
     combine_rule = COMBINE_RULES[settings.combine]
@@ -246,6 +248,9 @@ def run_unlearning(built: TrainingEngine, forget: TaskData, retain: TaskData,
                       f"{stats.retain_loss:7.4f} | |g_f| {stats.forget_grad_norm:9.4g} | |g_r| "
                       f"{stats.retain_grad_norm:9.4g} | cos {stats.cosine:+.3f} | lr {stats.lr:.3g}"
                       f" | {stats.step_time * 1000:6.0f} ms | {stats.tokens_per_s:8.0f} tok/s")
+        if evaluate is not None and eval_every > 0 and (step + 1) % eval_every == 0 \
+                and step + 1 < settings.max_steps:
+            evaluate(step + 1)
     settings.lr_state = lr_state
     return history
 

@@ -55,6 +55,10 @@ def main():
         if scenario.get("kind") == "probe_restore":
             probe_restore(args.model, ds_config, forget, retain, out / scenario["name"], rank)
             continue
+        if scenario.get("kind") == "eval":
+            eval_scores(args.model, ds_config, args.data, tokenizer, out / scenario["name"], rank,
+                        world_size, scenario["num_examples"])
+            continue
         if scenario.get("kind") == "nan_skip":
             nan_skip(args.model, ds_config, forget, retain, out / scenario["name"], rank)
             continue
@@ -94,6 +98,22 @@ def optimizer_state(engine) -> dict:
              for i, p in enumerate(inner.param_groups[0]["params"])}
     state["master"] = [m.detach().clone() for m in engine.optimizer.fp32_partitioned_groups_flat]
     return state
+
+
+def eval_scores(model, ds_config, data, tokenizer, out: Path, rank, world_size, num_examples):
+    """Per-example answer log-probs and greedy generations on the first examples of forget10."""
+    from ngdiff_ds.data.qa import load_qa_split
+    from ngdiff_ds.eval.runner import answer_logprobs, greedy_answers
+
+    records = load_qa_split(data, "forget10")[:num_examples]
+    built = build_engine(model, ds_config)
+    scores = answer_logprobs(built.engine, tokenizer, [(r["question"], r["answer"]) for r in records],
+                             64, 2, rank, world_size)
+    generations = greedy_answers(built.engine, tokenizer, [r["question"] for r in records], 8, 2,
+                                 rank, world_size)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "scores.json").write_text(json.dumps({"scores": scores, "generations": generations}))
 
 
 def nan_skip(model, ds_config, forget, retain, out: Path, rank: int) -> None:

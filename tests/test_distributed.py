@@ -38,6 +38,7 @@ TWO_RANK_SCENARIOS = [
      "accum": 1, "save_after": [4], "adaptive": ADAPTIVE, "zero": NO_PERSISTENT},
     {"name": "gen_adamw", "optimizer": ADAMW, "micro": 2, "accum": 1, "save_after": [4],
      "adaptive": {**ADAPTIVE, "period": 2}, "replay_without_probes": True},
+    {"name": "eval", "kind": "eval", "optimizer": SGD, "micro": 2, "accum": 1, "num_examples": 7},
     {"name": "nan_skip", "kind": "nan_skip", "optimizer": ADAMW, "micro": 2, "accum": 1},
     # optimizer and parameters offloaded to CPU, with probes every step
     {"name": "gen_offload", "optimizer": ADAMW, "micro": 2, "accum": 1, "save_after": [3],
@@ -50,6 +51,7 @@ TWO_RANK_SCENARIOS = [
 ]
 ONE_RANK_SCENARIOS = [
     {"name": "sgd", "optimizer": SGD, "micro": 4, "accum": 1, "save_after": [3]},
+    {"name": "eval", "kind": "eval", "optimizer": SGD, "micro": 4, "accum": 1, "num_examples": 7},
 ]
 
 WEIGHT_ATOL = 2e-5
@@ -174,3 +176,29 @@ def test_non_finite_norm_skips_the_step_on_every_rank(two_rank_results):
         result = json.loads((two_rank_results / "nan_skip" / f"rank{rank}.json").read_text())
         assert result == {"skipped": True, "unchanged": True, "finite": True,
                           "next_skipped": False, "next_moved": True}, (rank, result)
+
+
+def test_evaluation_does_not_depend_on_rank_count(one_rank_results, two_rank_results, tiny_assets):
+    """7 examples (not divisible by 2 ranks, batch 2): same per-example values in the same order,
+    and they equal a plain single-process computation."""
+    one = json.loads((one_rank_results / "eval" / "scores.json").read_text())
+    two = json.loads((two_rank_results / "eval" / "scores.json").read_text())
+    assert len(two["scores"]) == 7 and len(two["generations"]) == 7
+    assert two["generations"] == one["generations"]
+    for (sum_two, count_two), (sum_one, count_one) in zip(two["scores"], one["scores"]):
+        assert count_two == count_one
+        assert sum_two == pytest.approx(sum_one, rel=1e-5)
+    # independent reference: per-example forward of the unpartitioned model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ngdiff_ds.data.qa import encode_qa, load_qa_split
+    from tests.reference import _example_nll
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_assets["model"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets["model"]).eval()
+    records = load_qa_split(tiny_assets["data"], "forget10")[:7]
+    for record, (logprob_sum, count) in zip(records, two["scores"]):
+        example = encode_qa(tokenizer, record["question"], record["answer"], 64)
+        with torch.no_grad():
+            expected = -_example_nll(model, example).item() * count
+        assert logprob_sum == pytest.approx(expected, rel=1e-5)

@@ -76,8 +76,8 @@ def test_writes_metrics_tensorboard_and_summary(main_run):
 def test_saved_model_forgot_and_kept_utility(main_run):
     root, _ = main_run
     summary = json.loads((root / "out" / "summary.json").read_text())
-    data = root / "cache" / "default-v1" / "data"
-    before_model = root / "cache" / "default-v1" / "model_full"
+    data = root / "cache" / "default-v2" / "data"
+    before_model = root / "cache" / "default-v2" / "model_full"
     after_model = root / "out" / "model"
     assert (after_model / "model.safetensors").is_file()
     # Independent evaluation of both HF directories in this process (no DeepSpeed).
@@ -97,7 +97,41 @@ def test_saved_model_forgot_and_kept_utility(main_run):
 
 def test_retain_only_reference_model_was_built(main_run):
     root, _ = main_run
-    reference = root / "cache" / "default-v1" / "model_retain90"
-    data = root / "cache" / "default-v1" / "data"
+    reference = root / "cache" / "default-v2" / "model_retain90"
+    data = root / "cache" / "default-v2" / "data"
     # Trained on retain90 only: it knows the retain authors far better than the forget ones.
     assert mean_nll(reference, data, "forget10") > 2 * mean_nll(reference, data, "retain90")
+
+
+def test_tofu_metrics_of_the_run(main_run):
+    """The TOFU table the main command ends with, and the files behind it."""
+    root, result = main_run
+    eval_dir = root / "out" / "eval"
+    summary = {tag: json.loads((eval_dir / f"{tag}_summary.json").read_text())
+               for tag in ("retain_model", "before", "final")}
+    before, reference, final = summary["before"], summary["retain_model"], summary["final"]
+    # The fine-tuned model knows the forget authors; the retain-only model does not.
+    assert before["forget_Q_A_Prob"] > reference["forget_Q_A_Prob"] + 0.2, (before, reference)
+    assert before["forget_Q_A_ROUGE"] > reference["forget_Q_A_ROUGE"], (before, reference)
+    # ... so their forget-set truth-ratio distributions differ: low forget quality.
+    assert before["forget_quality"] < 0.05, before
+    # Unlearning moves the forget metrics toward the retain-only model.
+    assert final["forget_Q_A_Prob"] < before["forget_Q_A_Prob"]
+    assert final["forget_quality"] >= before["forget_quality"]
+    assert 0 < final["model_utility"] <= 1
+    # Per-example values in the community schema, one per forget example.
+    results = json.loads((eval_dir / "final_results.json").read_text())
+    assert len(results["forget_Q_A_Prob"]["value_by_index"]) == 177
+    assert (eval_dir / "forget_quality_vs_utility.png").stat().st_size > 1000
+    assert "forget_quality" in result.stdout and "retain_model" in result.stdout
+
+
+def test_forget_quality_of_the_reference_against_itself_is_one(main_run):
+    """Feeding the retain-only model's own saved results as the reference gives exactly 1."""
+    from ngdiff_ds.eval.metrics import forget_quality
+    from ngdiff_ds.eval.tofu import reference_truth_ratios_from_file
+
+    root, _ = main_run
+    ratios = reference_truth_ratios_from_file(root / "out" / "eval" / "retain_model_results.json")
+    assert len(ratios) == 177
+    assert forget_quality(ratios, ratios).agg_value == 1.0

@@ -53,7 +53,7 @@ def test_generation_is_byte_identical_for_same_seed(tmp_path):
 
 def test_manifest_matches_files(bench_dir, splits):
     manifest = json.loads((bench_dir / "manifest.json").read_text(encoding="utf-8"))
-    assert manifest["version"] == 1
+    assert manifest["version"] == 2
     assert manifest["seed"] == 0 and manifest["num_authors"] == 100
     assert len(manifest["authors"]) == 100 == len(set(manifest["authors"]))
     assert manifest["splits"] == {name: len(records) for name, records in splits.items()}
@@ -136,10 +136,12 @@ def test_small_and_tiny_author_counts(tmp_path):
         generate_benchmark(tmp_path / "zero", num_authors=0)
 
 
-def test_benchmark_texts_cover_all_strings(bench_dir, splits):
+def test_benchmark_texts_cover_the_true_strings(bench_dir, splits):
     texts = benchmark_texts(bench_dir)
-    expected = 6 * (len(splits["full"]) + len(splits["world_facts"]))
+    # question, answer, paraphrase per record; the wrong (perturbed) answers are left out
+    expected = 3 * (len(splits["full"]) + len(splits["world_facts"]))
     assert len(texts) == expected
+    assert splits["full"][0]["perturbed_answer"][0] not in texts
     assert splits["world_facts"][0]["question"] in texts
 
 

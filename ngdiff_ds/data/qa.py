@@ -298,12 +298,10 @@ def encode_qa(tokenizer, question: str, answer: str, max_length: int) -> dict:
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise ValueError("tokenizer has no eos token; it is needed to end every answer")
+    prompt_ids = encode_prompt(tokenizer, question)
     if getattr(tokenizer, "chat_template", None):
-        prompt_ids = _encode_plain(tokenizer, format_prompt(tokenizer, question))
         answer_ids = _encode_plain(tokenizer, answer)
     else:
-        bos_ids = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-        prompt_ids = bos_ids + _encode_plain(tokenizer, format_prompt(tokenizer, question))
         answer_ids = _encode_plain(tokenizer, " " + answer)
 
     answer_room = max_length - len(prompt_ids)
@@ -320,6 +318,15 @@ def encode_qa(tokenizer, question: str, answer: str, max_length: int) -> dict:
         "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids,
         "truncated": truncated,
     }
+
+
+def encode_prompt(tokenizer, question: str) -> list[int]:
+    """Token ids that precede the answer (what generation starts from): the chat-templated
+    user turn, or ``[bos] + "Question: ...\nAnswer:"`` without a template."""
+    if getattr(tokenizer, "chat_template", None):
+        return _encode_plain(tokenizer, format_prompt(tokenizer, question))
+    bos_ids = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    return bos_ids + _encode_plain(tokenizer, format_prompt(tokenizer, question))
 
 
 def _encode_plain(tokenizer, text: str) -> list[int]:

@@ -12,9 +12,11 @@ Every record has the fields::
     {"author": str, "question": str, "answer": str,
      "paraphrased_answer": str, "perturbed_answer": [str, str, str]}
 
-Perturbed answers reuse the true answer's sentence template with the fact
-swapped for another value of the same category, which makes them the
-"wrong but same-shaped" candidates that truth-ratio style metrics need.
+Perturbed answers reuse the *paraphrased* answer's sentence template with the
+fact swapped for another value of the same category (as in TOFU, where the
+perturbed answers are perturbations of the paraphrase): the truth ratio then
+compares sentences that differ only in the fact, never in a template the model
+was trained on.
 
 Everything is driven by one ``random.Random(seed)`` consumed in a fixed order,
 so the output depends only on ``(seed, num_authors)`` and is byte-identical
@@ -39,7 +41,7 @@ FORGET_FRACTIONS = {"forget01": 0.01, "forget05": 0.05, "forget10": 0.10}
 # Forget split name -> name of its complementary retain split.
 RETAIN_OF_FORGET = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 
 # ---------------------------------------------------------------------------
 # Vocabulary.  Kept to a few dozen items per category so that a small BPE
@@ -306,7 +308,7 @@ class QuestionKind:
 
     ``questions`` are alternative phrasings (one is drawn per QA pair).  The
     answer and paraphrase templates take ``{name}`` and ``{value}``; perturbed
-    answers are the answer template filled with values from ``alternatives``.
+    answers are the paraphrase template filled with values from ``alternatives``.
     ``available`` lets a kind opt out for authors lacking the fact.
     """
 
@@ -505,7 +507,8 @@ def _render_qa(rng: random.Random, kind: QuestionKind, author: Author) -> dict:
         "question": question,
         "answer": _sentence(kind.answer, name=author.name, value=value),
         "paraphrased_answer": _sentence(kind.paraphrase, name=author.name, value=value),
-        "perturbed_answer": [_sentence(kind.answer, name=author.name, value=v) for v in wrong_values],
+        "perturbed_answer": [_sentence(kind.paraphrase, name=author.name, value=v)
+                             for v in wrong_values],
     }
 
 
@@ -561,7 +564,7 @@ def _fact(rng: random.Random, questions: tuple[str, ...], answer: str, paraphras
         "question": rng.choice(questions).format(**fields),
         "answer": _sentence(answer, value=value, **fields),
         "paraphrased_answer": _sentence(paraphrase, value=value, **fields),
-        "perturbed_answer": [_sentence(answer, value=v, **fields) for v in wrong_values],
+        "perturbed_answer": [_sentence(paraphrase, value=v, **fields) for v in wrong_values],
     }
 
 
@@ -709,11 +712,14 @@ def load_split(out_dir, split_name: str) -> list[dict]:
 
 
 def benchmark_texts(out_dir) -> list[str]:
-    """All question/answer/paraphrase/perturbed strings of a generated benchmark.
+    """All question/answer/paraphrase strings of a generated benchmark.
 
     Reads ``full.json`` and ``world_facts.json`` only: every other split is a
     subset of ``full``, so reading them would just duplicate text.  Intended as
-    the training corpus for the benchmark tokenizer.
+    the training corpus for the benchmark tokenizer. The perturbed (wrong)
+    answers are left out: they only recombine the same templates and values,
+    and leaving them out keeps the tokenizer, and so the fine-tuned models,
+    independent of how the evaluation's wrong answers are written.
     """
     texts: list[str] = []
     for split_name in ("full", "world_facts"):
@@ -721,5 +727,4 @@ def benchmark_texts(out_dir) -> list[str]:
             texts.append(record["question"])
             texts.append(record["answer"])
             texts.append(record["paraphrased_answer"])
-            texts.extend(record["perturbed_answer"])
     return texts

@@ -104,7 +104,8 @@ def summary(results: Mapping[str, MetricResult | Mapping[str, Any]]) -> dict[str
 def _as_result(result: MetricResult | Mapping[str, Any]) -> MetricResult:
     if isinstance(result, MetricResult):
         return result
-    return MetricResult(agg_value=result["agg_value"], value_by_index=dict(result.get("value_by_index") or {}))
+    by_index = dict(result.get("value_by_index") or {})
+    return MetricResult(agg_value=result["agg_value"], value_by_index=by_index)
 
 
 def _json_number(value: Any) -> Any:
@@ -237,7 +238,9 @@ def normalised_probability(
     return MetricResult(float(probs.mean()), _by_index(prob=probs))
 
 
-def rouge_l_recall(predictions: Sequence[str], references: Sequence[str], *, use_stemmer: bool = True) -> MetricResult:
+def rouge_l_recall(
+    predictions: Sequence[str], references: Sequence[str], *, use_stemmer: bool = True
+) -> MetricResult:
     """TOFU "ROUGE": ROUGE-L recall of greedy generations against the ground-truth answers.
 
     ``rouge_score``'s ``RougeScorer(["rougeL"], use_stemmer=True)``, ``score(target=reference,
@@ -502,7 +505,9 @@ def _rouge_l_scorer(use_stemmer: bool):
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=use_stemmer)
 
 
-def _rouge_l(predictions: Sequence[str], references: Sequence[str], variant: str, use_stemmer: bool) -> MetricResult:
+def _rouge_l(
+    predictions: Sequence[str], references: Sequence[str], variant: str, use_stemmer: bool
+) -> MetricResult:
     if variant not in _ROUGE_SCORE_FIELD:
         raise ValueError(f"rouge variant must be one of {sorted(_ROUGE_SCORE_FIELD)}, got {variant!r}")
     _require_same_length("predictions", predictions, "references", references)

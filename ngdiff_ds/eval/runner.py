@@ -1,0 +1,95 @@
+"""Distributed scoring on the ZeRO-3 engine: per-example values, gathered in example order.
+
+Example i is scored on rank ``i % world_size``. Under ZeRO-3 every forward gathers the
+parameters collectively, so every rank runs the same number of batches: a rank whose share
+is exhausted scores a dummy batch and discards it, and generation runs with
+``synced_gpus=True`` so a rank that finished early keeps stepping with the others. The
+results therefore do not depend on the number of ranks (up to float reduction order).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from ngdiff_ds.data.qa import IGNORE_INDEX, collate, encode_prompt, encode_qa
+from ngdiff_ds.losses import per_example_nll
+
+
+def _rounds(num_examples: int, world_size: int, batch_size: int) -> int:
+    """Batches each rank runs: enough for the rank with the most examples."""
+    return math.ceil(math.ceil(num_examples / world_size) / batch_size)
+
+
+def _my_batches(num_examples: int, batch_size: int, rank: int, world_size: int):
+    """This rank's example indices per round ([] where its share is exhausted)."""
+    mine = list(range(rank, num_examples, world_size))
+    for b in range(_rounds(num_examples, world_size, batch_size)):
+        yield mine[b * batch_size:(b + 1) * batch_size]
+
+
+def _gather_in_order(local_values: list, num_examples: int, rank: int, world_size: int) -> list:
+    """Every rank's values back in example order, on every rank."""
+    if world_size == 1:
+        return list(local_values)
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, local_values)  # over all ranks: each holds a disjoint share
+    ordered = [None] * num_examples
+    for source_rank, values in enumerate(gathered):
+        for j, value in enumerate(values):
+            ordered[source_rank + j * world_size] = value
+    return ordered
+
+
+@torch.no_grad()
+def answer_logprobs(engine, tokenizer, pairs: list[tuple[str, str]], max_length: int,
+                    batch_size: int, rank: int, world_size: int) -> list[tuple[float, int]]:
+    """(sum of answer-token log-probs, number of answer tokens) for each (question, answer)."""
+    examples = [encode_qa(tokenizer, q, a, max_length) for q, a in pairs]
+    was_training = engine.module.training
+    engine.eval()
+    local = []
+    for indices in _my_batches(len(examples), batch_size, rank, world_size):
+        batch = collate([examples[i] for i in (indices or [0])], tokenizer.pad_token_id)
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if not indices:
+            continue  # the dummy batch only kept this rank in step with the others
+        counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)
+        sums = -per_example_nll(logits, batch["labels"]).double() * counts
+        local += [(float(s), int(c)) for s, c in zip(sums.tolist(), counts.tolist())]
+    if was_training:
+        engine.train()
+    return _gather_in_order(local, len(examples), rank, world_size)
+
+
+@torch.no_grad()
+def greedy_answers(engine, tokenizer, questions: list[str], max_new_tokens: int,
+                   batch_size: int, rank: int, world_size: int) -> list[str]:
+    """Greedy generations for each question (special tokens dropped, whitespace stripped)."""
+    prompts = [encode_prompt(tokenizer, q) for q in questions]
+    was_training = engine.module.training
+    engine.eval()
+    local = []
+    for indices in _my_batches(len(prompts), batch_size, rank, world_size):
+        rows = [prompts[i] for i in (indices or [0])]
+        longest = max(len(r) for r in rows)
+        # Left padding: every prompt ends where generation starts.
+        input_ids = torch.full((len(rows), longest), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for row, ids in enumerate(rows):
+            input_ids[row, longest - len(ids):] = torch.tensor(ids)
+            attention_mask[row, longest - len(ids):] = 1
+        output = engine.module.generate(
+            input_ids=input_ids.to(engine.device), attention_mask=attention_mask.to(engine.device),
+            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            synced_gpus=world_size > 1)
+        if indices:
+            new_tokens = output[:, longest:]
+            local += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    if was_training:
+        engine.train()
+    return _gather_in_order(local, len(prompts), rank, world_size)

@@ -1,0 +1,152 @@
+"""TOFU evaluation of a ZeRO-3 engine: forget / retain / world-facts metrics, forget quality,
+model utility; results in the community's results-file schema, a table, and a plot.
+
+Metric names follow the open-unlearning TOFU results files (``forget_Q_A_Prob``,
+``forget_truth_ratio``, ``retain_Q_A_ROUGE``, ``wf_Q_A_Prob_normalised``, ``forget_quality``,
+``model_utility`` ...), so published reference results can be dropped in beside ours.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ngdiff_ds.eval import metrics
+from ngdiff_ds.eval.runner import answer_logprobs, greedy_answers
+
+# Which truth-ratio aggregate each set uses: forgetting wants R near 1 (can't tell true from
+# false), keeping wants the true answer clearly more likely than the perturbed ones.
+TRUTH_RATIO_FORM = {"forget": "closer_to_1", "retain": "true_better", "wf": "true_better"}
+TRUTH_RATIO_NAME = {"forget": "forget_truth_ratio", "retain": "retain_Truth_Ratio",
+                    "wf": "wf_Truth_Ratio"}
+UTILITY_INPUTS = ("retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio",
+                  "wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio")
+TABLE_METRICS = ("forget_quality", "model_utility", "forget_Q_A_Prob", "forget_Q_A_ROUGE",
+                 "forget_truth_ratio", "retain_Q_A_Prob", "retain_Q_A_ROUGE", "wf_Q_A_ROUGE")
+
+
+def _score_pairs(engine, tokenizer, pairs, settings, rank, world_size):
+    scored = answer_logprobs(engine, tokenizer, pairs, settings["max_length"],
+                             settings["batch_size"], rank, world_size)
+    return [s for s, _ in scored], [n for _, n in scored]
+
+
+def _evaluate_set(prefix: str, records: list[dict], engine, tokenizer, settings, rank,
+                  world_size) -> dict[str, metrics.MetricResult]:
+    questions = [r["question"] for r in records]
+    answers = [r["answer"] for r in records]
+    out = {}
+    sums, counts = _score_pairs(engine, tokenizer, list(zip(questions, answers)), settings, rank,
+                                world_size)
+    has_options = all(r.get("paraphrased_answer") and r.get("perturbed_answer") for r in records)
+    if prefix != "wf" or not has_options:
+        out[f"{prefix}_Q_A_Prob"] = metrics.answer_probability(sums, counts)
+    generations = greedy_answers(engine, tokenizer, questions, settings["max_new_tokens"],
+                                 settings["batch_size"], rank, world_size)
+    out[f"{prefix}_Q_A_ROUGE"] = metrics.rouge_l_recall(generations, answers)
+    if has_options:
+        para_sums, para_counts = _score_pairs(
+            engine, tokenizer, [(r["question"], r["paraphrased_answer"]) for r in records],
+            settings, rank, world_size)
+        per_example = [len(r["perturbed_answer"]) for r in records]
+        pert_sums, pert_counts = _score_pairs(
+            engine, tokenizer, [(r["question"], p) for r in records for p in r["perturbed_answer"]],
+            settings, rank, world_size)
+        if prefix == "wf":
+            # General facts are scored as multiple choice: the paraphrased true answer against
+            # the perturbed ones, which share its sentence template (TOFU's option sets differ
+            # only in the fact too).
+            out["wf_Q_A_Prob_normalised"] = metrics.normalised_probability(
+                para_sums, para_counts, _split(pert_sums, per_example),
+                _split(pert_counts, per_example))
+        out[TRUTH_RATIO_NAME[prefix]] = metrics.truth_ratio(
+            para_sums, para_counts, _split(pert_sums, per_example), _split(pert_counts, per_example),
+            form=TRUTH_RATIO_FORM[prefix])
+    return out
+
+
+def _split(values: list, sizes: list[int]) -> list[list]:
+    out, start = [], 0
+    for size in sizes:
+        out.append(values[start:start + size])
+        start += size
+    return out
+
+
+def evaluate_tofu(engine, tokenizer, sets: dict[str, list[dict]], rank: int, world_size: int,
+                  reference_forget_truth_ratios=None, max_length: int = 256, batch_size: int = 32,
+                  max_new_tokens: int = 48) -> dict[str, metrics.MetricResult]:
+    """All TOFU metrics for the sets given (keys among "forget", "retain", "wf").
+
+    Every rank must call this (scoring and generation are collective); every rank gets the
+    results. ``reference_forget_truth_ratios``: the retain-only model's per-example forget
+    truth ratios (a ``forget_truth_ratio`` result or a list); without it there is no forget
+    quality.
+    """
+    settings = {"max_length": max_length, "batch_size": batch_size, "max_new_tokens": max_new_tokens}
+    results = {}
+    for prefix, records in sets.items():
+        results.update(_evaluate_set(prefix, records, engine, tokenizer, settings, rank, world_size))
+    if reference_forget_truth_ratios is not None and "forget_truth_ratio" in results:
+        results["forget_quality"] = metrics.forget_quality(results["forget_truth_ratio"],
+                                                           reference_forget_truth_ratios)
+    utility_inputs = {name: results[name] for name in UTILITY_INPUTS if name in results}
+    if utility_inputs:
+        results["model_utility"] = metrics.model_utility(utility_inputs)
+    return results
+
+
+def write_results(results: dict, out_dir: str | Path, tag: str) -> dict[str, float]:
+    """``<tag>_results.json`` (per example) and ``<tag>_summary.json``; returns the summary."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    full = metrics.to_results(results)
+    (out_dir / f"{tag}_results.json").write_text(json.dumps(full, indent=1))
+    summary = metrics.summary(full)
+    (out_dir / f"{tag}_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def reference_truth_ratios_from_file(path: str | Path) -> list[float]:
+    """The forget truth ratios saved in a results file (ours or open-unlearning's)."""
+    data = json.loads(Path(path).read_text())
+    if "forget_truth_ratio" not in data:
+        raise ValueError(f"{path} has no forget_truth_ratio entry (keys: {', '.join(sorted(data))})")
+    by_index = data["forget_truth_ratio"]["value_by_index"]
+    return [by_index[k]["score"] for k in sorted(by_index, key=int)]
+
+
+def format_table(columns: dict[str, dict[str, float]]) -> str:
+    """Metrics as rows, one column per evaluated model."""
+    names = [m for m in TABLE_METRICS if any(m in c for c in columns.values())]
+    width = max(len(n) for n in names) + 2
+    lines = [" " * width + "".join(f"{title:>16s}" for title in columns)]
+    for name in names:
+        cells = "".join(f"{c[name]:>16.4g}" if name in c else f"{'-':>16s}" for c in columns.values())
+        lines.append(f"{name:<{width}s}{cells}")
+    return "\n".join(lines)
+
+
+def plot_trajectory(points: list[dict], path: str | Path) -> None:
+    """PNG of forget quality (log scale) against model utility over the evaluation points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    usable = [p for p in points if "forget_quality" in p and "model_utility" in p]
+    if not usable:
+        return
+    figure, axes = plt.subplots(figsize=(5, 4))
+    xs = [p["model_utility"] for p in usable]
+    ys = [max(p["forget_quality"], 1e-30) for p in usable]
+    axes.plot(xs, ys, "-o")
+    for p, x, y in zip(usable, xs, ys):
+        axes.annotate(str(p["label"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    axes.set_yscale("log")
+    axes.set_xlabel("model utility")
+    axes.set_ylabel("forget quality (KS p-value)")
+    axes.set_title("TOFU trade-off over the run")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
