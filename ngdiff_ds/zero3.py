@@ -100,6 +100,7 @@ class ZeroPartitions:
         # Sizes of the sub-groups in the order the flat buffer stores them.
         self.group_numels = [int(n) for n in optimizer.fp16_partitioned_groups_flat_numel]
         self.numel = sum(self.group_numels)
+        self._probe_source = None  # what end_probes restores from; set by begin_probes
 
     # ----- gradients -------------------------------------------------------------------
     @property
@@ -212,7 +213,8 @@ class ZeroPartitions:
             elif source.dtype == forward.dtype and source.device == forward.device:
                 torch.add(source, chunk, alpha=scale, out=forward)
             else:
-                forward.copy_(torch.add(source, chunk.to(source.dtype), alpha=scale))
+                # master and forward weights on different devices (offload) or dtypes (bf16)
+                forward.copy_(torch.add(source, chunk.to(source.device, source.dtype), alpha=scale))
         # Parameters below stage3_param_persistence_threshold are never released; they are
         # re-gathered from their partitions as DeepSpeed's own _post_step does
         # (optimizer.persistent_parameters, ds_tensor.all_gather).
