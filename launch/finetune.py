@@ -20,13 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ngdiff_ds.cli import add_common_arguments, env_rank, fail, model_max_length  # noqa: E402
 from ngdiff_ds.config import ConfigError, engine_config, read_json, validate_ds_config  # noqa: E402
-from ngdiff_ds.data.qa import DataError, StepBatches, encode_split, load_qa_split  # noqa: E402
+from ngdiff_ds.data.qa import DataError, StepBatches, encode_split, load_training_records  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
-    parser.add_argument("--splits", nargs="+", default=["full"], help="splits trained on together")
+    parser.add_argument("--splits", nargs="+", default=["full"],
+                        help="splits trained on together: QA splits (answers) and text splits (every token)")
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--output-dir", default="runs/finetune")
@@ -52,7 +53,7 @@ def main():
         model = resolve_model(args.model)
         tokenizer = load_tokenizer(model)
         max_length = model_max_length(model, args.max_length, log)
-        records = [r for split in args.splits for r in load_qa_split(args.data, split)]
+        records = load_training_records(args.data, "+".join(args.splits))
         examples, truncated = encode_split(tokenizer, records, max_length, "+".join(args.splits))
         batches = StepBatches(len(examples), layout.micro_batch_size, layout.micro_batches_per_step,
                               world_size, args.seed)

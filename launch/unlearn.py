@@ -14,7 +14,8 @@ Your own model and TOFU-schema data:
         --model /models/llama-7b-tofu --data /data/tofu --forget-split forget10 \
         --retain-split retain90 --max-steps 100 --output-dir runs/llama7b-forget10
 
-Writes to --output-dir: metrics.jsonl, tensorboard/, summary.json and model/ (an HF directory).
+Writes to --output-dir: metrics.jsonl, tensorboard/, summary.json, model/ (an HF directory) and
+eval/ (TOFU and MUSE results and summaries per evaluation point, the trade-off plot).
 """
 
 import argparse
@@ -37,9 +38,13 @@ from ngdiff_ds.losses import FORGET_LOSSES  # noqa: E402
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
-    parser.add_argument("--forget-split", default="forget10")
+    parser.add_argument("--forget-split", default=None,
+                        help="split(s) to unlearn; several joined by '+' are concatenated, QA "
+                             "and text splits alike (default: forget10, and on the embedded "
+                             "default forget10+forget10_text: the QA pairs and the passages)")
     parser.add_argument("--retain-split", default=None,
-                        help="default: the TOFU complement of --forget-split (forget10 -> retain90)")
+                        help="default: the TOFU complement of each --forget-split part "
+                             "(forget10 -> retain90, forget10_text -> retain90_text)")
     parser.add_argument("--output-dir", default="runs/ngdiff")
     parser.add_argument("--max-steps", type=int, default=UnlearnSettings.max_steps)
     parser.add_argument("--lr", type=float, default=None, help="default: optimizer.params.lr of the JSON")
@@ -66,63 +71,75 @@ def parse_args():
     rate.add_argument("--lr-min-factor", type=float, default=defaults.min_schedule_factor,
                       help="final value of the linear/cosine schedule factor")
     parser.add_argument("--eval-batch-size", type=int, default=32)
-    evaluation = parser.add_argument_group("TOFU evaluation (before, every --eval-every steps, after)")
+    evaluation = parser.add_argument_group(
+        "TOFU and MUSE evaluation (before, every --eval-every steps, after)")
     evaluation.add_argument("--eval-every", type=int, default=0, help="0: only before and after")
-    evaluation.add_argument("--no-eval", dest="tofu_eval", action="store_false",
-                            help="skip the TOFU metrics (the answer NLL is still reported)")
+    evaluation.add_argument("--no-eval", dest="evaluate", action="store_false",
+                            help="skip all metrics (the answer NLL is still reported)")
+    evaluation.add_argument("--no-muse", dest="muse_eval", action="store_false",
+                            help="skip the MUSE text metrics (VerbMem, Min-K%% AUC, PrivLeak)")
     evaluation.add_argument("--wf-split", default="world_facts",
                             help="general-fact split for model utility (skipped if the data lacks it)")
     evaluation.add_argument("--eval-retain-size", type=int, default=200,
                             help="retain examples scored (the first N of the split)")
-    evaluation.add_argument("--max-new-tokens", type=int, default=48)
+    evaluation.add_argument("--max-new-tokens", type=int, default=48,
+                            help="greedy answer length for TOFU ROUGE and MUSE KnowMem")
+    evaluation.add_argument("--verbmem-split", default=None,
+                            help="prompt/gt records for VerbMem (default: <forget-split>_verbmem)")
+    evaluation.add_argument("--forget-text-split", default=None,
+                            help="forget texts for the Min-K%% test (default: <forget-split>_text)")
+    evaluation.add_argument("--holdout-split", default="holdout_text",
+                            help="texts no model trained on: the non-members of the Min-K%% test")
+    evaluation.add_argument("--verbmem-max-new-tokens", type=int, default=128)
     evaluation.add_argument("--retain-model", default=None,
-                            help="retain-only model for forget quality (default: the embedded one)")
+                            help="retain-only model for forget quality and PrivLeak "
+                                 "(default: the embedded one)")
     evaluation.add_argument("--retain-results", default=None,
                             help="a saved results JSON of the retain-only model instead of --retain-model")
     return parser.parse_args()
 
 
-class TofuEvaluation:
-    """The TOFU metrics of this run: the retain-only reference once, then each evaluation
-    point; results files, TensorBoard scalars, the table and the trade-off plot."""
+class RunEvaluation:
+    """The TOFU and MUSE metrics of this run: the retain-only reference once, then each
+    evaluation point; results files, TensorBoard scalars, the table and the trade-off plot."""
 
     def __init__(self, args, data, forget_split, retain_split, tokenizer, max_length, raw_config,
                  layout, rank, world_size, log, default_retain_model):
-        from ngdiff_ds.data.qa import load_qa_split
-        from ngdiff_ds.eval.tofu import reference_truth_ratios_from_file
+        from ngdiff_ds.eval.suite import EvalOptions, Reference, SplitNames, load_eval_sets
 
         self.rank, self.world_size, self.log, self.tokenizer = rank, world_size, log, tokenizer
         self.out_dir = Path(args.output_dir) / "eval"
-        self.options = {"max_length": max_length, "batch_size": args.eval_batch_size,
-                        "max_new_tokens": args.max_new_tokens}
-        self.sets = {"forget": load_qa_split(data, forget_split),
-                     "retain": load_qa_split(data, retain_split)[:args.eval_retain_size]}
-        try:
-            self.sets["wf"] = load_qa_split(data, args.wf_split)
-        except DataError:
-            log.print(f"note: no {args.wf_split!r} split in {data}; model utility uses retain only")
+        self.options = EvalOptions(max_length=max_length, batch_size=args.eval_batch_size,
+                                   max_new_tokens=args.max_new_tokens,
+                                   verbmem_max_new_tokens=args.verbmem_max_new_tokens)
+        names = SplitNames(forget=forget_split, retain=retain_split, wf=args.wf_split,
+                           verbmem=args.verbmem_split, forget_text=args.forget_text_split,
+                           holdout_text=args.holdout_split, retain_size=args.eval_retain_size,
+                           muse=args.muse_eval)
+        self.sets = load_eval_sets(data, names, note=log.print)
         self.points, self.columns = [], {}
         self.reference = None
         if args.retain_results:
-            self.reference = reference_truth_ratios_from_file(args.retain_results)
+            self.reference = Reference.from_file(args.retain_results)
         elif args.retain_model or default_retain_model:
             self._evaluate_reference(args.retain_model or default_retain_model, raw_config, layout)
 
     def _evaluate_reference(self, model, raw_config, layout):
         from ngdiff_ds.config import engine_config
         from ngdiff_ds.engine import build_engine, resolve_model
+        from ngdiff_ds.eval.suite import Reference
 
         reference = build_engine(resolve_model(model), engine_config(raw_config, layout))
         results = self._evaluate(reference.engine, None)
-        self.reference = results["forget_truth_ratio"]
+        self.reference = Reference.from_results(results)
         self._record("retain_model", results, None)
         del reference
 
     def _evaluate(self, engine, reference):
-        from ngdiff_ds.eval.tofu import evaluate_tofu
+        from ngdiff_ds.eval.suite import evaluate_model
 
-        return evaluate_tofu(engine, self.tokenizer, self.sets, self.rank, self.world_size,
-                             reference_forget_truth_ratios=reference, **self.options)
+        return evaluate_model(engine, self.tokenizer, self.sets, self.rank, self.world_size,
+                              reference, self.options)
 
     def _record(self, tag, results, step):
         from ngdiff_ds.eval.tofu import write_results
@@ -135,28 +152,39 @@ class TofuEvaluation:
             summary = summarise(to_results(results))
         self.columns[tag] = summary
         if step is not None:
-            self.log.record("tofu", step, summary)
+            self.log.record("unlearning_metrics", step, summary)
             self.points.append({"label": tag, **summary})
         return summary
 
     def run(self, engine, tag, step):
         summary = self._record(tag, self._evaluate(engine, self.reference), step)
-        self.log.print(f"TOFU @ {tag}: " + ", ".join(
-            f"{k} {summary[k]:.4g}" for k in ("forget_quality", "model_utility", "forget_Q_A_ROUGE")
+        self.log.print(f"metrics @ {tag}: " + ", ".join(
+            f"{k} {summary[k]:.4g}" for k in ("forget_quality", "model_utility", "forget_Q_A_ROUGE",
+                                               "forget_verbmem_ROUGE", "privleak")
             if k in summary))
 
     def finish(self):
         from ngdiff_ds.eval.tofu import format_table, plot_trajectory
 
-        self.log.print("\nTOFU metrics (forget / retain / world-fact sets; one column per model or point):\n" + format_table(self.columns))
+        self.log.print("\nTOFU and MUSE metrics (one column per model or evaluation point):\n"
+                       + format_table(self.columns))
         if self.rank == 0:
             plot_trajectory(self.points, self.out_dir / "forget_quality_vs_utility.png")
 
 
+def first_split(splits: str) -> str:
+    return splits.split("+")[0]
+
+
 def tofu_retain_split(forget_split: str) -> str:
-    if forget_split.startswith("forget") and forget_split[6:].isdigit():
-        return f"retain{100 - int(forget_split[6:]):02d}"
-    raise ConfigError(f"cannot infer the retain split of {forget_split!r}; pass --retain-split")
+    """forget10 -> retain90, forget05_text -> retain95_text, each part of an a+b list."""
+    parts = []
+    for part in forget_split.split("+"):
+        percent, _, suffix = part.removeprefix("forget").partition("_")
+        if not part.startswith("forget") or not percent.isdigit():
+            raise ConfigError(f"cannot infer the retain split of {part!r}; pass --retain-split")
+        parts.append(f"retain{100 - int(percent):02d}" + (f"_{suffix}" if suffix else ""))
+    return "+".join(parts)
 
 
 def main():
@@ -164,11 +192,14 @@ def main():
     rank = env_rank()
     try:
         raw_config = read_json(args.deepspeed)
+        if args.forget_split is None:
+            args.forget_split = "forget10+forget10_text" if args.model is None else "forget10"
         retain_split = args.retain_split or tofu_retain_split(args.forget_split)
         for flag, value in (("--max-steps", args.max_steps), ("--log-every", args.log_every),
                             ("--eval-batch-size", args.eval_batch_size),
                             ("--eval-retain-size", args.eval_retain_size),
-                            ("--max-new-tokens", args.max_new_tokens)):
+                            ("--max-new-tokens", args.max_new_tokens),
+                            ("--verbmem-max-new-tokens", args.verbmem_max_new_tokens)):
             if value < 1:
                 raise ConfigError(f"{flag} must be at least 1, got {value}")
         if args.lr is not None and not args.lr > 0:
@@ -204,8 +235,8 @@ def main():
                                adaptive=adaptive)
     try:
         if args.model is None:
-            defaults = ensure_default_assets(default_cache_dir(args.cache_dir), retain_split, rank,
-                                             world_size, log)
+            defaults = ensure_default_assets(default_cache_dir(args.cache_dir),
+                                             first_split(retain_split), rank, world_size, log)
         model = resolve_model(args.model) if args.model else defaults["model_full"]
         data = args.data or defaults["data"]
         tokenizer = load_tokenizer(model)
@@ -233,31 +264,33 @@ def main():
                                           tokenizer.pad_token_id, rank, world_size)
                 for name, task in (("forget_nll", forget), ("retain_nll", retain))}
 
-    tofu = None
-    if args.tofu_eval:
+    evaluation = None
+    if args.evaluate:
         try:
-            tofu = TofuEvaluation(args, data, args.forget_split, retain_split, tokenizer, max_length,
-                                  raw_config, layout, rank, world_size, log,
-                                  defaults["model_retain"] if args.model is None else None)
+            # The QA part (the first split) is what TOFU scores; MUSE's defaults follow its name.
+            evaluation = RunEvaluation(args, data, first_split(args.forget_split),
+                                       first_split(retain_split), tokenizer,
+                                       max_length, raw_config, layout, rank, world_size, log,
+                                       defaults["model_retain"] if args.model is None else None)
         except (ConfigError, DataError, ModelError, ValueError) as err:
             fail(str(err), rank)
-        tofu.run(built.engine, "before", 0)
+        evaluation.run(built.engine, "before", 0)
 
     before = answer_losses()
     log.record("eval", 0, {f"before_{k}": v for k, v in before.items()})
     try:
         history = run_unlearning(built, forget, retain, settings, log, rank,
-                                 evaluate=(lambda step: tofu.run(built.engine, f"step{step}", step))
-                                 if tofu else None, eval_every=args.eval_every)
+                                 evaluate=(lambda step: evaluation.run(built.engine, f"step{step}", step))
+                                 if evaluation else None, eval_every=args.eval_every)
     except TooManySkippedSteps as err:
         log.print(f"error: {err}")
         log.close()
         sys.exit(3)
     after = answer_losses()
     log.record("eval", args.max_steps, {f"after_{k}": v for k, v in after.items()})
-    if tofu:
-        tofu.run(built.engine, "final", args.max_steps)
-        tofu.finish()
+    if evaluation:
+        evaluation.run(built.engine, "final", args.max_steps)
+        evaluation.finish()
     save_hf_model(built, tokenizer, Path(args.output_dir) / "model")
 
     summary = {"model": model, "data": data, "forget_split": args.forget_split,
@@ -268,7 +301,8 @@ def main():
                "before": before, "after": after}
     if rank == 0:
         (Path(args.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
-    log.print("answer NLL (mean per example)   before -> after")
+    log.print("NLL of the training targets (mean per example: answer tokens of QA pairs, every "
+              "token of passages)   before -> after")
     for name in before:
         log.print(f"  {name:12s}  {before[name]:8.4f} -> {after[name]:8.4f}")
     log.print(f"model saved to {Path(args.output_dir) / 'model'}")

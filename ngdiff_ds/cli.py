@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ngdiff_ds.config import BatchLayout, ConfigError
-from ngdiff_ds.data.qa import StepBatches, encode_split, load_qa_split
+from ngdiff_ds.data.qa import StepBatches, encode_split, load_training_records
 from ngdiff_ds.run_log import RunLog
 from ngdiff_ds.trainer import TaskData
 
@@ -46,8 +46,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_task(name: str, data: str, split: str, tokenizer, max_length: int, layout: BatchLayout,
               seed: int, log: RunLog) -> TaskData:
-    """Load, validate and tokenise one split; batches are drawn per step and rank."""
-    records = load_qa_split(data, split)
+    """Load, validate and tokenise one split (or ``a+b``: several, concatenated); batches are
+    drawn per step and rank."""
+    records = load_training_records(data, split)
     examples, truncated = encode_split(tokenizer, records, max_length, split)
     if truncated:
         log.print(f"warning: {truncated} of {len(examples)} examples of split {split!r} were longer "

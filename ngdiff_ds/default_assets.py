@@ -2,11 +2,13 @@
 
 Built once under a cache directory and reused; anything missing is rebuilt. Layout::
 
-    <cache>/default-v2/data/             synthetic benchmark (TOFU split files)
-    <cache>/default-v2/tokenizer/        BPE tokenizer trained on that data
-    <cache>/default-v2/init/             randomly initialised tiny Llama
-    <cache>/default-v2/model_full/       fine-tuned on every author + world facts (the model to unlearn)
-    <cache>/default-v2/model_<retain>/   fine-tuned on the retain split + world facts only
+    <cache>/default-v3/data/             synthetic benchmark (TOFU split files, MUSE-style
+                                         passages, held-out passages, verbmem splits)
+    <cache>/default-v3/tokenizer/        BPE tokenizer trained on that data
+    <cache>/default-v3/init/             randomly initialised tiny Llama
+    <cache>/default-v3/model_full/       fine-tuned on every author's QA pairs and passage +
+                                         world facts (the model to unlearn)
+    <cache>/default-v3/model_<retain>/   the same for the retain split's authors only
                                          (the "never saw the forget set" reference)
 
 The fine-tunes run through the same ZeRO-3 engine (``launch/finetune.py`` does the same for
@@ -23,17 +25,19 @@ from pathlib import Path
 import torch
 
 from ngdiff_ds.config import BatchLayout, engine_config
-from ngdiff_ds.data.qa import StepBatches, encode_split, load_qa_split
+from ngdiff_ds.data.qa import StepBatches, encode_split, load_training_records
 from ngdiff_ds.engine import barrier, build_engine, load_tokenizer, save_hf_model
 from ngdiff_ds.run_log import RunLog
 from ngdiff_ds.trainer import TaskData, run_finetune
 
-VERSION = "default-v2"  # v2: perturbed answers use the paraphrase template
+# v2: perturbed answers use the paraphrase template; v3: biography passages (MUSE-style)
+VERSION = "default-v3"
 NUM_AUTHORS = 100
 FINETUNE_GLOBAL_BATCH = 64
 FINETUNE_EPOCHS = 20
 FINETUNE_PEAK_LR = 3e-3
-FINETUNE_MAX_LENGTH = 96
+FINETUNE_MAX_LENGTH = 160  # passages are about 110 tokens
+PASSAGE_REPEATS = 3
 
 
 def tiny_llama_config(tokenizer):
@@ -86,15 +90,19 @@ def _build_inputs(root: Path) -> None:
 def _finetune(root: Path, out_name: str, splits: list[str], rank: int, world_size: int,
               log: RunLog) -> None:
     tokenizer = load_tokenizer(str(root / "tokenizer"))
-    records = [r for split in splits for r in load_qa_split(str(root / "data"), split)]
-    examples, _ = encode_split(tokenizer, records, FINETUNE_MAX_LENGTH, "+".join(splits))
+    records = load_training_records(str(root / "data"), "+".join(splits))
+    # Passages are repeated: reciting ~100 tokens verbatim takes more epochs than a QA answer.
+    records += [r for r in records if "text" in r] * (PASSAGE_REPEATS - 1)
+    examples, truncated = encode_split(tokenizer, records, FINETUNE_MAX_LENGTH, "+".join(splits))
+    if truncated:
+        raise RuntimeError(f"{truncated} fine-tuning examples exceed {FINETUNE_MAX_LENGTH} tokens")
     ds_config, layout = finetune_ds_config(world_size)
     batches = StepBatches(len(examples), layout.micro_batch_size, 1, world_size, seed=0)
     data = TaskData(name=out_name, examples=examples, batches=batches,
                     pad_token_id=tokenizer.pad_token_id)
     steps = FINETUNE_EPOCHS * len(examples) // batches.global_batch_size
     log.print(f"building the embedded default: fine-tuning {out_name} on {'+'.join(splits)} "
-              f"({len(examples)} QA pairs, {steps} steps, {world_size} rank(s)); done once, "
+              f"({len(examples)} QA pairs and passages, {steps} steps, {world_size} rank(s)); done once, "
               f"cached in {root}")
     built = build_engine(str(root / "init"), ds_config)
     # The fine-tune's own metrics go next to the model, not into the caller's run.
@@ -118,8 +126,8 @@ def ensure_default_assets(cache_dir: Path, retain_split: str, rank: int, world_s
         _build_inputs(root)
     barrier()
     retain_name = f"model_{retain_split}"
-    for out_name, splits in (("model_full", ["full", "world_facts"]),
-                             (retain_name, [retain_split, "world_facts"])):
+    for out_name, splits in (("model_full", ["full", "world_facts", "full_text"]),
+                             (retain_name, [retain_split, "world_facts", f"{retain_split}_text"])):
         if not (root / out_name / "config.json").is_file():
             _finetune(root, out_name, splits, rank, world_size, log)
         barrier()

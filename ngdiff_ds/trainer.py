@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ngdiff_ds import adaptive_lr
 from ngdiff_ds.combine import COMBINE_RULES, Gram, combine_in_place, local_gram
 from ngdiff_ds.config import UnlearnSettings
-from ngdiff_ds.data.qa import StepBatches, collate
+from ngdiff_ds.data.qa import StepBatches, collate, split_by_length
 from ngdiff_ds.engine import TrainingEngine, set_learning_rate
 from ngdiff_ds.losses import FORGET_LOSSES, answer_nll, per_example_nll
 from ngdiff_ds.run_log import RunLog
@@ -49,21 +49,43 @@ class TaskData:
             out.append({name: t.to(device) for name, t in batch.items()})
         return out
 
+    def length_grouped_batches(self, step: int, rank: int, device) -> tuple[list[dict], list[float]]:
+        """This rank's K micro-batches of ``step``, each cut into up to two length groups, and
+        each group's weight (its share of the micro-batch, over K): the weighted group losses
+        sum to the same per-example mean as the K micro-batches.
 
-def _task_backward(built: TrainingEngine, micro_batches, loss_fn) -> tuple[torch.Tensor, torch.Tensor]:
+        For training sets that mix short QA pairs with long passages: grouping saves the
+        padding of every short row to the longest passage.
+        """
+        out, weights = [], []
+        micro_batches = self.batches.micro_batches_per_step
+        for k in range(micro_batches):
+            indices = self.batches.micro_batch_indices(step, rank, k)
+            for group in split_by_length([len(self.examples[i]["input_ids"]) for i in indices]):
+                batch = collate([self.examples[indices[j]] for j in group], self.pad_token_id)
+                out.append({name: t.to(device) for name, t in batch.items()})
+                weights.append(len(group) / (len(indices) * micro_batches))
+        return out, weights
+
+
+def _task_backward(built: TrainingEngine, micro_batches, loss_fn,
+                   weights: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulate the gradient of ``loss_fn`` averaged over the micro-batches (and ranks).
 
     Returns this rank's mean loss and number of input tokens as float64 tensors on the device
-    (no host sync per micro-batch). Each micro-batch loss is divided by K so that K backwards
-    sum to the mean; DeepSpeed's reduce-scatter averages over the data-parallel ranks.
+    (no host sync per micro-batch). Each micro-batch loss is divided by K (or multiplied by its
+    ``weights`` entry) so that the backwards sum to the mean; DeepSpeed's reduce-scatter
+    averages over the data-parallel ranks.
     """
     engine = built.engine
     built.partitions.reset_grads()
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
     tokens = torch.zeros((), dtype=torch.float64, device=engine.device)
-    for batch in micro_batches:
+    if weights is None:
+        weights = [1.0 / len(micro_batches)] * len(micro_batches)
+    for batch, weight in zip(micro_batches, weights):
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = loss_fn(logits, batch["labels"]) / len(micro_batches)
+        loss = loss_fn(logits, batch["labels"]) * weight
         engine.backward(loss)
         loss_sum += loss.detach()
         tokens += batch["attention_mask"].sum()
@@ -271,7 +293,8 @@ def run_finetune(built: TrainingEngine, data: TaskData, steps: int, peak_lr: flo
         else:
             progress_fraction = (step - warmup_steps) / max(1, steps - warmup_steps)
             lr = peak_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_fraction)))
-        total, _ = _task_backward(built, data.micro_batches(step, rank, engine.device), answer_nll)
+        micro_batches, weights = data.length_grouped_batches(step, rank, engine.device)
+        total, _ = _task_backward(built, micro_batches, answer_nll, weights)
         set_learning_rate(engine, lr)
         engine.step()
         built.partitions.all_reduce_sum(total)  # sum of rank means -> mean over the global batch

@@ -102,8 +102,9 @@ def optimizer_state(engine) -> dict:
 
 def eval_scores(model, ds_config, data, tokenizer, out: Path, rank, world_size, num_examples):
     """Per-example answer log-probs and greedy generations on the first examples of forget10."""
-    from ngdiff_ds.data.qa import load_qa_split
-    from ngdiff_ds.eval.runner import answer_logprobs, greedy_answers
+    from ngdiff_ds.data.qa import load_qa_split, load_text_split
+    from ngdiff_ds.eval.runner import (answer_logprobs, greedy_answers, greedy_continuations,
+                                       text_token_logprobs)
 
     records = load_qa_split(data, "forget10")[:num_examples]
     built = build_engine(model, ds_config)
@@ -111,9 +112,17 @@ def eval_scores(model, ds_config, data, tokenizer, out: Path, rank, world_size, 
                              64, 2, rank, world_size)
     generations = greedy_answers(built.engine, tokenizer, [r["question"] for r in records], 8, 2,
                                  rank, world_size)
+    # MUSE side: per-token log-probs of passages and greedy continuations of their first sentence
+    passages = [r["text"] for r in load_text_split(data, "full_text")][:num_examples]
+    token_logprobs = text_token_logprobs(built.engine, tokenizer, passages, 512, 2, rank, world_size)
+    continuations = greedy_continuations(built.engine, tokenizer,
+                                         [p.split(". ")[0] + "." for p in passages], 8, 2, rank,
+                                         world_size)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "scores.json").write_text(json.dumps({"scores": scores, "generations": generations}))
+        (out / "scores.json").write_text(json.dumps({
+            "scores": scores, "generations": generations, "token_logprobs": token_logprobs,
+            "continuations": continuations}))
 
 
 def nan_skip(model, ds_config, forget, retain, out: Path, rank: int) -> None:

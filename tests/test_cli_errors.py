@@ -129,3 +129,27 @@ def test_data_without_model_is_refused(tmp_path, tiny_assets):
 def test_bad_numeric_flags(tmp_path, tiny_assets, flags, needle):
     result = run_unlearn(tmp_path, tiny_assets["model"], tiny_assets["data"], extra=flags)
     assert_refused(result, needle)
+
+
+def test_missing_reference_results_file(tmp_path, tiny_assets):
+    missing = tmp_path / "no_such_results.json"
+    result = run_unlearn(tmp_path, tiny_assets["model"], tiny_assets["data"],
+                         extra=["--retain-results", str(missing)])
+    assert_refused(result, "no_such_results.json")
+
+
+def test_malformed_muse_split_is_refused_not_skipped(tmp_path, tiny_assets):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_assets["data"], data)
+    (data / "forget10_verbmem.json").write_text(json.dumps([{"prompt": "Once upon"}]))
+    result = run_unlearn(tmp_path, tiny_assets["model"], str(data))
+    assert_refused(result, "forget10_verbmem.json", "record 0", "'gt'")
+
+
+def test_missing_part_of_a_joined_split(tmp_path, tiny_assets):
+    result = run_unlearn(tmp_path, tiny_assets["model"], tiny_assets["data"],
+                         extra=["--forget-split", "forget10+forget10_nosuch",
+                                "--retain-split", "retain90"])
+    assert_refused(result, "forget10_nosuch", "available splits")

@@ -23,8 +23,12 @@ from ngdiff_ds.data.qa import (
     collate,
     encode_qa,
     encode_split,
+    encode_text,
     format_prompt,
     load_qa_split,
+    load_text_split,
+    load_verbmem_split,
+    split_by_length,
 )
 
 RECORDS = [
@@ -448,3 +452,59 @@ def test_step_batches_rejects_bad_arguments():
         batches.micro_batch_indices(0, rank=0, micro_index=2)
     with pytest.raises(ValueError):
         batches.micro_batch_indices(-1, rank=0, micro_index=0)
+
+
+# --------------------------------------------------------------------------
+# MUSE-style text records
+# --------------------------------------------------------------------------
+
+
+def test_text_and_verbmem_splits_load_and_name_missing_fields(tmp_path):
+    (tmp_path / "forget_text.json").write_text(json.dumps([{"text": "jane doe was born in paris"}]))
+    (tmp_path / "forget_verbmem.json").write_text(
+        json.dumps([{"prompt": "jane doe", "gt": "was born in paris"}, {"prompt": "jane doe"}]))
+    assert load_text_split(str(tmp_path), "forget_text") == [{"text": "jane doe was born in paris"}]
+    with pytest.raises(DataError) as info:
+        load_verbmem_split(str(tmp_path), "forget_verbmem")
+    assert "record 1" in str(info.value) and "'gt'" in str(info.value)
+    assert "forget_verbmem.json" in str(info.value)
+    # QA records are not text records
+    (tmp_path / "qa.json").write_text(json.dumps(RECORDS))
+    with pytest.raises(DataError, match="'text'"):
+        load_text_split(str(tmp_path), "qa")
+
+
+def test_encode_text_trains_on_every_token_after_bos(tokenizer):
+    text = RECORDS[1]["answer"]
+    encoded = encode_text(tokenizer, text, max_length=64)
+    words = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert encoded["input_ids"] == [tokenizer.bos_token_id] + words + [tokenizer.eos_token_id]
+    assert encoded["labels"] == [-100] + words + [tokenizer.eos_token_id]
+    assert not encoded["truncated"]
+    cut = encode_text(tokenizer, text, max_length=4)
+    assert cut["truncated"] and cut["input_ids"] == encoded["input_ids"][:4]
+    assert cut["labels"] == encoded["labels"][:4]
+
+
+def test_encode_split_mixes_qa_and_text_records(tokenizer):
+    records = [RECORDS[1], {"text": RECORDS[2]["answer"]}]
+    encoded, truncated = encode_split(tokenizer, records, 64, "mixed")
+    assert truncated == 0
+    assert encoded[0] == encode_qa(tokenizer, RECORDS[1]["question"], RECORDS[1]["answer"], 64)
+    assert encoded[1] == encode_text(tokenizer, RECORDS[2]["answer"], 64)
+
+
+def _padded_tokens(groups, lengths):
+    return sum(len(g) * max(lengths[i] for i in g) for g in groups)
+
+
+@pytest.mark.parametrize("lengths", [[5], [3, 3, 3], [30, 31, 29, 120, 28, 125, 33],
+                                     [10, 20, 30, 40, 50], [7, 100, 7, 7, 7, 7, 7, 7]])
+def test_split_by_length_is_the_cheapest_two_way_cut(lengths):
+    groups = split_by_length(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    # brute force over every cut of the sorted order (and no cut)
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    best = min([_padded_tokens([order], lengths)]
+               + [_padded_tokens([order[:c], order[c:]], lengths) for c in range(1, len(order))])
+    assert _padded_tokens(groups, lengths) == best

@@ -14,13 +14,14 @@ import subprocess
 import pytest
 import torch
 
+from ngdiff_ds.default_assets import VERSION
 from tests.conftest import DEEPSPEED, REPO, cpu_env, free_port
 from tests.reference import _example_nll
 
 STEPS = 40
 # The forget answers must become clearly less likely, the retain answers must not.
-MIN_FORGET_NLL_RATIO = 2.0   # after / before, mean per-example NLL on forget10
-MAX_RETAIN_NLL_INCREASE = 0.15  # after - before, nats, on retain90
+MIN_FORGET_NLL_RATIO = 2.0   # after / before, mean per-example NLL on forget10 (+ passages)
+MAX_RETAIN_NLL_INCREASE = 0.15  # after - before, nats, on retain90 (+ passages)
 
 
 def readme_main_command() -> list[str]:
@@ -35,11 +36,11 @@ def readme_main_command() -> list[str]:
 def mean_nll(model_dir, data_dir, split) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ngdiff_ds.data.qa import encode_split, load_qa_split
+    from ngdiff_ds.data.qa import encode_split, load_training_records
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    examples, _ = encode_split(tokenizer, load_qa_split(str(data_dir), split), 256, split)
+    examples, _ = encode_split(tokenizer, load_training_records(str(data_dir), split), 256, split)
     with torch.no_grad():
         return torch.stack([_example_nll(model, e) for e in examples]).double().mean().item()
 
@@ -70,21 +71,24 @@ def test_writes_metrics_tensorboard_and_summary(main_run):
         assert all(isinstance(r[key], float) for r in train), key
     assert any(r["kind"] == "lr_fit" for r in rows), "the adaptive rate is on by default"
     assert list((root / "out" / "tensorboard").glob("events.out.tfevents.*"))
-    assert "answer NLL" in result.stdout
+    assert "NLL of the training targets" in result.stdout
 
 
 def test_saved_model_forgot_and_kept_utility(main_run):
     root, _ = main_run
     summary = json.loads((root / "out" / "summary.json").read_text())
-    data = root / "cache" / "default-v2" / "data"
-    before_model = root / "cache" / "default-v2" / "model_full"
+    data = root / "cache" / VERSION / "data"
+    before_model = root / "cache" / VERSION / "model_full"
     after_model = root / "out" / "model"
     assert (after_model / "model.safetensors").is_file()
     # Independent evaluation of both HF directories in this process (no DeepSpeed).
-    forget_before = mean_nll(before_model, data, "forget10")
-    forget_after = mean_nll(after_model, data, "forget10")
-    retain_before = mean_nll(before_model, data, "retain90")
-    retain_after = mean_nll(after_model, data, "retain90")
+    # The embedded default unlearns each forget author's QA pairs and passage.
+    forget_split, retain_split = "forget10+forget10_text", "retain90+retain90_text"
+    assert (summary["forget_split"], summary["retain_split"]) == (forget_split, retain_split)
+    forget_before = mean_nll(before_model, data, forget_split)
+    forget_after = mean_nll(after_model, data, forget_split)
+    retain_before = mean_nll(before_model, data, retain_split)
+    retain_after = mean_nll(after_model, data, retain_split)
     # The run's own sharded evaluation agrees with it.
     assert summary["before"]["forget_nll"] == pytest.approx(forget_before, rel=1e-3)
     assert summary["after"]["forget_nll"] == pytest.approx(forget_after, rel=1e-3)
@@ -97,14 +101,14 @@ def test_saved_model_forgot_and_kept_utility(main_run):
 
 def test_retain_only_reference_model_was_built(main_run):
     root, _ = main_run
-    reference = root / "cache" / "default-v2" / "model_retain90"
-    data = root / "cache" / "default-v2" / "data"
+    reference = root / "cache" / VERSION / "model_retain90"
+    data = root / "cache" / VERSION / "data"
     # Trained on retain90 only: it knows the retain authors far better than the forget ones.
     assert mean_nll(reference, data, "forget10") > 2 * mean_nll(reference, data, "retain90")
 
 
 def test_tofu_metrics_of_the_run(main_run):
-    """The TOFU table the main command ends with, and the files behind it."""
+    """The TOFU part of the table the main command ends with, and the files behind it."""
     root, result = main_run
     eval_dir = root / "out" / "eval"
     summary = {tag: json.loads((eval_dir / f"{tag}_summary.json").read_text())
@@ -126,12 +130,45 @@ def test_tofu_metrics_of_the_run(main_run):
     assert "forget_quality" in result.stdout and "retain_model" in result.stdout
 
 
-def test_forget_quality_of_the_reference_against_itself_is_one(main_run):
-    """Feeding the retain-only model's own saved results as the reference gives exactly 1."""
-    from ngdiff_ds.eval.metrics import forget_quality
-    from ngdiff_ds.eval.tofu import reference_truth_ratios_from_file
+def test_muse_metrics_of_the_run(main_run):
+    """The MUSE part: VerbMem on the forget passages, KnowMem on the QA pairs, and PrivLeak
+    from the Min-K% test of forget passages against held-out ones."""
+    root, result = main_run
+    eval_dir = root / "out" / "eval"
+    summary = {tag: json.loads((eval_dir / f"{tag}_summary.json").read_text())
+               for tag in ("retain_model", "before", "final")}
+    before, reference, final = summary["before"], summary["retain_model"], summary["final"]
+    numbers = json.dumps(summary, indent=1)
+    # The fine-tuned model recites its forget passages and knows the answers; the retain-only
+    # model never saw them.
+    assert before["forget_verbmem_ROUGE"] > reference["forget_verbmem_ROUGE"] + 0.2, numbers
+    assert before["forget_knowmem_ROUGE"] > reference["forget_knowmem_ROUGE"] + 0.1, numbers
+    # Min-K% tells the trained forget passages from held-out ones; for the retain-only model
+    # both are unseen, so it cannot.
+    assert before["mia_min_k"] > 0.9 and 0.2 < reference["mia_min_k"] < 0.8, numbers
+    assert before["privleak"] < -50, numbers
+    # Unlearning (the passages are part of the forget task) moves VerbMem toward the retain-
+    # only model and makes the forget passages' rarest tokens less likely. Forty steps do not
+    # erase the membership signal (PrivLeak stays near -100), so it is not asserted to move.
+    assert final["forget_verbmem_ROUGE"] < before["forget_verbmem_ROUGE"] - 0.1, numbers
+    assert final["forget_text_min_k"] < before["forget_text_min_k"], numbers
+    assert final["forget_knowmem_ROUGE"] < before["forget_knowmem_ROUGE"], numbers
+    assert final["retain_knowmem_ROUGE"] > 0.9, numbers
+    results = json.loads((eval_dir / "final_results.json").read_text())
+    assert len(results["forget_verbmem_ROUGE"]["value_by_index"]) == 10
+    assert len(results["forget_text_min_k"]["value_by_index"]) == 10
+    assert len(results["holdout_text_min_k"]["value_by_index"]) == 20
+    assert "forget_verbmem_ROUGE" in result.stdout and "privleak" in result.stdout
+
+
+def test_reference_against_itself_gives_forget_quality_one_and_privleak_zero(main_run):
+    """Feeding the retain-only model's own saved results as the reference gives exactly 1
+    (forget quality) and 0 (PrivLeak)."""
+    from ngdiff_ds.eval.metrics import forget_quality, privleak
+    from ngdiff_ds.eval.suite import Reference
 
     root, _ = main_run
-    ratios = reference_truth_ratios_from_file(root / "out" / "eval" / "retain_model_results.json")
-    assert len(ratios) == 177
-    assert forget_quality(ratios, ratios).agg_value == 1.0
+    reference = Reference.from_file(root / "out" / "eval" / "retain_model_results.json")
+    assert len(reference.forget_truth_ratios) == 177
+    assert forget_quality(reference.forget_truth_ratios, reference.forget_truth_ratios).agg_value == 1.0
+    assert privleak(reference.mia_auc, reference.mia_auc).agg_value == 0.0

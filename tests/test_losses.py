@@ -174,3 +174,42 @@ def test_shape_mismatch_rejected(logits_shape, labels_shape):
     labels = torch.zeros(labels_shape, dtype=torch.long)
     with pytest.raises(ValueError):
         per_example_nll(logits, labels)
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_length_grouped_batches_give_the_whole_batch_loss_and_gradient(micro_batches):
+    """run_finetune's length groups, weighted by their share of the examples, reproduce the
+    loss and gradient of the whole batch collated in one piece (float64 model)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ngdiff_ds.data.qa import StepBatches
+    from ngdiff_ds.trainer import TaskData
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB + 3, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=64, pad_token_id=0)
+    model = LlamaForCausalLM(config).double()
+    lengths = [6, 5, 40, 7, 6, 38, 5, 6]
+    examples = []
+    for length in lengths:
+        ids = torch.randint(1, VOCAB, (length,)).tolist()
+        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * 2 + ids[2:]})
+    micro = len(examples) // micro_batches
+    data = TaskData("mixed", examples, StepBatches(len(examples), micro, micro_batches, 1, seed=0), 0)
+
+    def loss_and_grad(batches, weights):
+        model.zero_grad()
+        total = sum(w * answer_nll(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                                   b["labels"]) for b, w in zip(batches, weights))
+        total.backward()
+        return total.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    grouped, weights = data.length_grouped_batches(0, 0, "cpu")
+    assert sum(b["input_ids"].shape[0] for b in grouped) == 8 and len(grouped) > micro_batches
+    assert sum(weights) == pytest.approx(1.0)
+    loss, grad = loss_and_grad(grouped, weights)
+    whole_loss, whole_grad = loss_and_grad(data.micro_batches(0, 0, "cpu"),
+                                           [1.0 / micro_batches] * micro_batches)
+    assert loss == pytest.approx(whole_loss, rel=1e-10)
+    assert torch.allclose(grad, whole_grad, rtol=1e-8, atol=1e-12)

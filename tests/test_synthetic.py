@@ -19,6 +19,9 @@ SPLIT_FILES = [
     "full.json", "forget01.json", "forget05.json", "forget10.json",
     "retain99.json", "retain95.json", "retain90.json", "world_facts.json", "manifest.json",
 ]
+AUTHOR_SPLITS = ["full", *FORGET_FRACTIONS, *RETAIN_OF_FORGET.values()]
+TEXT_FILES = [f"{name}_text.json" for name in AUTHOR_SPLITS] + ["holdout_text.json"] + [
+    f"{name}_verbmem.json" for name in FORGET_FRACTIONS]
 RECORD_FIELDS = {"author", "question", "answer", "paraphrased_answer", "perturbed_answer"}
 
 
@@ -44,19 +47,21 @@ def test_generation_is_byte_identical_for_same_seed(tmp_path):
     generate_benchmark(first, seed=3, num_authors=40)
     generate_benchmark(second, seed=3, num_authors=40)
     generate_benchmark(other, seed=4, num_authors=40)
-    for name in SPLIT_FILES:
+    for name in SPLIT_FILES + TEXT_FILES:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
     assert (first / "full.json").read_bytes() != (other / "full.json").read_bytes()
     # No temp files are left behind by the atomic writes.
-    assert sorted(p.name for p in first.iterdir()) == sorted(SPLIT_FILES)
+    assert sorted(p.name for p in first.iterdir()) == sorted(SPLIT_FILES + TEXT_FILES)
 
 
 def test_manifest_matches_files(bench_dir, splits):
     manifest = json.loads((bench_dir / "manifest.json").read_text(encoding="utf-8"))
-    assert manifest["version"] == 2
+    assert manifest["version"] == 3
     assert manifest["seed"] == 0 and manifest["num_authors"] == 100
     assert len(manifest["authors"]) == 100 == len(set(manifest["authors"]))
-    assert manifest["splits"] == {name: len(records) for name, records in splits.items()}
+    qa_counts = {name: count for name, count in manifest["splits"].items()
+                 if not name.endswith(("_text", "_verbmem"))}
+    assert qa_counts == {name: len(records) for name, records in splits.items()}
     # Authors in full.json appear in manifest order.
     order = list(dict.fromkeys(record["author"] for record in splits["full"]))
     assert order == manifest["authors"]
@@ -138,11 +143,63 @@ def test_small_and_tiny_author_counts(tmp_path):
 
 def test_benchmark_texts_cover_the_true_strings(bench_dir, splits):
     texts = benchmark_texts(bench_dir)
-    # question, answer, paraphrase per record; the wrong (perturbed) answers are left out
-    expected = 3 * (len(splits["full"]) + len(splits["world_facts"]))
+    # question, answer, paraphrase per record, and the trained authors' passages; the wrong
+    # (perturbed) answers and the held-out passages are left out
+    expected = 3 * (len(splits["full"]) + len(splits["world_facts"])) + 100
     assert len(texts) == expected
     assert splits["full"][0]["perturbed_answer"][0] not in texts
     assert splits["world_facts"][0]["question"] in texts
+    assert load_split(bench_dir, "full_text")[0]["text"] in texts
+    assert load_split(bench_dir, "holdout_text")[0]["text"] not in texts
+    assert benchmark_texts(bench_dir, passages=False) == texts[:-100]
+
+
+# ---------------------------------------------------------------------------
+# MUSE-style passages
+# ---------------------------------------------------------------------------
+
+
+def test_passages_follow_the_authors_of_each_qa_split(bench_dir, splits):
+    for name in AUTHOR_SPLITS:
+        passages = load_split(bench_dir, f"{name}_text")
+        assert [p["author"] for p in passages] == list(dict.fromkeys(r["author"] for r in splits[name]))
+        for passage in passages:
+            assert set(passage) == {"author", "text"}
+            assert passage["text"].startswith(passage["author"])
+            assert 50 <= len(passage["text"].split()) <= 100
+
+
+def test_passages_state_the_same_facts_as_the_qa_pairs(bench_dir, splits):
+    passages = {p["author"]: p["text"] for p in load_split(bench_dir, "full_text")}
+    checked = 0
+    for record in splits["full"]:
+        if "was born in the town of " in record["answer"]:
+            city = record["answer"].rstrip(".").split("town of ")[-1]
+            assert f"born in {city} in " in passages[record["author"]], (record, passages[record["author"]])
+            checked += 1
+    assert checked > 20
+
+
+def test_holdout_authors_are_new_and_never_in_a_qa_split(bench_dir, splits):
+    manifest = json.loads((bench_dir / "manifest.json").read_text(encoding="utf-8"))
+    holdout = load_split(bench_dir, "holdout_text")
+    assert [p["author"] for p in holdout] == manifest["holdout_authors"]
+    assert len(holdout) == 20
+    trained = set(manifest["authors"])
+    assert not trained & set(manifest["holdout_authors"])
+    for record in splits["full"]:
+        assert not any(name in record["question"] for name in manifest["holdout_authors"])
+
+
+def test_verbmem_prompt_and_continuation_rebuild_the_forget_passage(bench_dir):
+    for forget_name in FORGET_FRACTIONS:
+        passages = load_split(bench_dir, f"{forget_name}_text")
+        verbmem = load_split(bench_dir, f"{forget_name}_verbmem")
+        assert [v["author"] for v in verbmem] == [p["author"] for p in passages]
+        for record, passage in zip(verbmem, passages):
+            assert record["prompt"] + " " + record["gt"] == passage["text"]
+            assert record["prompt"].endswith(".") and record["prompt"].count(". ") == 0
+            assert len(record["gt"].split()) > 2 * len(record["prompt"].split())
 
 
 # ---------------------------------------------------------------------------

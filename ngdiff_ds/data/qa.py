@@ -1,8 +1,11 @@
-"""TOFU-schema question/answer data: loading, tokenisation, collation, batching.
+"""TOFU-schema question/answer data and MUSE-style text: loading, tokenisation, collation,
+batching.
 
-Records have the TOFU fields ``question`` and ``answer`` (required), optionally
+QA records have the TOFU fields ``question`` and ``answer`` (required), optionally
 ``paraphrased_answer`` (str) and ``perturbed_answer`` (list of str); any other
-field is kept untouched.
+field is kept untouched. Text records (MUSE ``raw``/``privleak`` splits) have a
+``text`` field; verbatim-memorisation records (MUSE ``verbmem``) have ``prompt``
+and ``gt`` (the true continuation).
 
 The pipeline is::
 
@@ -27,6 +30,11 @@ __all__ = [
     "SPLIT_EXTENSIONS",
     "IGNORE_INDEX",
     "load_qa_split",
+    "load_training_records",
+    "load_text_split",
+    "load_verbmem_split",
+    "encode_text",
+    "split_by_length",
     "format_prompt",
     "encode_qa",
     "encode_split",
@@ -40,6 +48,8 @@ class DataError(ValueError):
 
 
 REQUIRED_FIELDS = ("question", "answer")
+TEXT_FIELDS = ("text",)
+VERBMEM_FIELDS = ("prompt", "gt")
 
 # Extensions tried, in order, when a split is resolved inside a data directory.
 SPLIT_EXTENSIONS = (".json", ".jsonl", ".parquet")
@@ -75,18 +85,51 @@ def load_qa_split(data: str, split: str) -> list[dict]:
         DataError: unresolvable split, unreadable/malformed file, invalid or
             missing records.
     """
+    return _load_split(data, split, REQUIRED_FIELDS)
+
+
+def load_text_split(data: str, split: str) -> list[dict]:
+    """Load one split of text records (field ``text``), resolved as ``load_qa_split``."""
+    return _load_split(data, split, TEXT_FIELDS)
+
+
+def load_verbmem_split(data: str, split: str) -> list[dict]:
+    """Load one split of prompt/continuation records (fields ``prompt`` and ``gt``)."""
+    return _load_split(data, split, VERBMEM_FIELDS)
+
+
+def load_training_records(data: str, split: str) -> list[dict]:
+    """Records to train on: one split, or several joined by ``+`` (``forget10+forget10_text``),
+    concatenated in order. Each split holds QA records or text records (MUSE ``raw`` style);
+    ``encode_split`` trains on the answers of the first and on every token of the second."""
+    records = []
+    for part in split.split("+"):
+        try:
+            records += load_qa_split(data, part)
+        except DataError as qa_error:
+            if "missing required field 'question'" not in str(qa_error):
+                raise
+            try:
+                records += load_text_split(data, part)
+            except DataError:
+                raise DataError(f"{qa_error} (and it is not a text split either: records need "
+                                f"'question' and 'answer', or 'text')") from qa_error
+    return records
+
+
+def _load_split(data: str, split: str, required: tuple[str, ...]) -> list[dict]:
     if os.path.isfile(split):
-        return _load_file_records(split, split_label=split)
+        return _load_file_records(split, split, required)
     if os.path.isdir(data):
-        return _load_file_records(_resolve_split_in_directory(data, split), split_label=split)
+        return _load_file_records(_resolve_split_in_directory(data, split), split, required)
     if os.path.isfile(data):
-        return _load_file_records(data, split_label=split)
+        return _load_file_records(data, split, required)
     if _looks_like_local_path(data):
         raise DataError(
             f"data path {data!r} does not exist (split {split!r}); expected a directory "
             f"holding <split>{{{','.join(SPLIT_EXTENSIONS)}}} files or a single data file"
         )
-    return _load_hub_records(data, split)
+    return _load_hub_records(data, split, required)
 
 
 def _resolve_split_in_directory(directory: str, split: str) -> str:
@@ -120,7 +163,7 @@ def _looks_like_local_path(data: str) -> bool:
     return os.path.splitext(data)[1].lower() in SPLIT_EXTENSIONS
 
 
-def _load_file_records(path: str, split_label: str) -> list[dict]:
+def _load_file_records(path: str, split_label: str, required: tuple[str, ...]) -> list[dict]:
     extension = os.path.splitext(path)[1].lower()
     if extension == ".parquet":
         raw_records = _read_parquet(path)
@@ -130,7 +173,7 @@ def _load_file_records(path: str, split_label: str) -> list[dict]:
         # TOFU's hub files are JSON Lines named *.json, so .json (and any
         # other extension) is sniffed rather than assumed to be an array.
         raw_records = _parse_json_array_or_lines(_read_text(path), path)
-    return _validate_records(raw_records, source=path, split_label=split_label)
+    return _validate_records(raw_records, path, split_label, required)
 
 
 def _read_text(path: str) -> str:
@@ -180,11 +223,13 @@ def _parse_json_lines(text: str, path: str) -> list:
     return records
 
 
-def _load_hub_records(name: str, config: str) -> list[dict]:
+def _load_hub_records(name: str, config: str, required: tuple[str, ...]) -> list[dict]:
+    # "config:split" names a split other than "train" (MUSE: "raw:forget", "verbmem:forget").
+    config, _, hub_split = config.partition(":")
     try:
         import datasets  # lazy: heavy import, and only hub users need it
 
-        dataset = datasets.load_dataset(name, config, split="train")
+        dataset = datasets.load_dataset(name, config, split=hub_split or "train")
         raw_records = dataset.to_list()
     except Exception as error:
         raise DataError(
@@ -193,7 +238,7 @@ def _load_hub_records(name: str, config: str) -> list[dict]:
             f"(this machine may be offline): {type(error).__name__}: {_one_line(error)}"
         ) from error
     source = f"{name} (hub config {config!r})"
-    return _validate_records(raw_records, source=source, split_label=config)
+    return _validate_records(raw_records, source, config, required)
 
 
 def _one_line(error: BaseException) -> str:
@@ -206,21 +251,23 @@ def _one_line(error: BaseException) -> str:
 # --------------------------------------------------------------------------
 
 
-def _validate_records(raw_records, source: str, split_label: str) -> list[dict]:
+def _validate_records(raw_records, source: str, split_label: str,
+                      required: tuple[str, ...] = REQUIRED_FIELDS) -> list[dict]:
     if not isinstance(raw_records, list):
         raise DataError(
             f"{source}: expected a list of records, got {type(raw_records).__name__}"
         )
     if not raw_records:
         raise DataError(f"split {split_label!r} in {source} has no records")
-    return [_validate_record(record, index, source) for index, record in enumerate(raw_records)]
+    return [_validate_record(record, index, source, required)
+            for index, record in enumerate(raw_records)]
 
 
-def _validate_record(record, index: int, source: str) -> dict:
+def _validate_record(record, index: int, source: str, required: tuple[str, ...]) -> dict:
     where = f"{source}: record {index} (0-based)"
     if not isinstance(record, dict):
         raise DataError(f"{where} is not an object (got {type(record).__name__})")
-    for field in REQUIRED_FIELDS:
+    for field in required:
         if field not in record:
             raise DataError(f"{where} is missing required field {field!r}")
         value = record[field]
@@ -320,6 +367,26 @@ def encode_qa(tokenizer, question: str, answer: str, max_length: int) -> dict:
     }
 
 
+def encode_text(tokenizer, text: str, max_length: int) -> dict:
+    """Tokenise one plain text for causal-LM training on every token.
+
+    ``[bos] + ids(text) + [eos]`` (bos only if the tokenizer has one); ``labels`` are the ids
+    with the bos masked. Longer than ``max_length``: cut from the end (``truncated`` True), as
+    MUSE cuts its corpora into chunks of the model's length. Same return shape as ``encode_qa``.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer has no eos token; it is needed to end every text")
+    bos_ids = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    target_ids = _encode_plain(tokenizer, text) + [tokenizer.eos_token_id]
+    room = max_length - len(bos_ids)
+    if room < 1:
+        raise DataError(f"max_length {max_length} leaves no room for text")
+    truncated = len(target_ids) > room
+    target_ids = target_ids[:room]
+    return {"input_ids": bos_ids + target_ids, "labels": [IGNORE_INDEX] * len(bos_ids) + target_ids,
+            "truncated": truncated}
+
+
 def encode_prompt(tokenizer, question: str) -> list[int]:
     """Token ids that precede the answer (what generation starts from): the chat-templated
     user turn, or ``[bos] + "Question: ...\nAnswer:"`` without a template."""
@@ -336,7 +403,7 @@ def _encode_plain(tokenizer, text: str) -> list[int]:
 def encode_split(
     tokenizer, records: list[dict], max_length: int, split_name: str
 ) -> tuple[list[dict], int]:
-    """Encode every record with ``encode_qa``.
+    """Encode every record with ``encode_qa`` (``encode_text`` for records with ``text``).
 
     Returns:
         (encoded records, number of records that were truncated)
@@ -348,7 +415,10 @@ def encode_split(
     truncated_count = 0
     for index, record in enumerate(records):
         try:
-            example = encode_qa(tokenizer, record["question"], record["answer"], max_length)
+            if "text" in record and "question" not in record:
+                example = encode_text(tokenizer, record["text"], max_length)
+            else:
+                example = encode_qa(tokenizer, record["question"], record["answer"], max_length)
         except DataError as error:
             raise DataError(f"split {split_name!r}, record {index} (0-based): {error}") from error
         truncated_count += int(example["truncated"])
@@ -383,6 +453,24 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
         labels[row, :length] = torch.tensor(example["labels"], dtype=torch.int64)
         attention_mask[row, :length] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def split_by_length(lengths: list[int]) -> list[list[int]]:
+    """Positions of ``lengths`` in at most two groups that pad to the fewest tokens.
+
+    A batch of short QA pairs with a few long passages pads every row to the longest; cut
+    at the best point of the sorted lengths, the short rows pad only to their own longest.
+    Returns the groups (each in ascending length order); one group when cutting saves nothing.
+    """
+    if not lengths:
+        raise ValueError("split_by_length needs at least one length")
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    best_cut, best_cost = len(order), len(order) * lengths[order[-1]]
+    for cut in range(1, len(order)):
+        cost = cut * lengths[order[cut - 1]] + (len(order) - cut) * lengths[order[-1]]
+        if cost < best_cost:
+            best_cut, best_cost = cut, cost
+    return [order[:best_cut], order[best_cut:]] if best_cut < len(order) else [order]
 
 
 # --------------------------------------------------------------------------

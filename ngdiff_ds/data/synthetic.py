@@ -18,6 +18,15 @@ perturbed answers are perturbations of the paraphrase): the truth ratio then
 compares sentences that differ only in the fact, never in a template the model
 was trained on.
 
+MUSE-style text rides along: every author also gets a short biography passage
+in its own wording (not the QA templates).  ``<split>_text`` files hold the
+passages of the authors of each QA split (``full``, forget and retain splits),
+``holdout_text`` the passages of extra authors that no split trains on (the
+non-members of the Min-K% membership test), and ``<forget>_verbmem`` the forget
+passages cut into a prompt (the first sentence) and its ground-truth
+continuation (the rest), as MUSE's ``verbmem`` split.  Text records are
+``{"author": str, "text": str}``; verbmem records ``{"author", "prompt", "gt"}``.
+
 Everything is driven by one ``random.Random(seed)`` consumed in a fixed order,
 so the output depends only on ``(seed, num_authors)`` and is byte-identical
 across runs and machines.  Only the standard library is used.
@@ -41,7 +50,7 @@ FORGET_FRACTIONS = {"forget01": 0.01, "forget05": 0.05, "forget10": 0.10}
 # Forget split name -> name of its complementary retain split.
 RETAIN_OF_FORGET = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
 
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3  # 3: text passages, holdout authors, verbmem splits
 
 # ---------------------------------------------------------------------------
 # Vocabulary.  Kept to a few dozen items per category so that a small BPE
@@ -522,6 +531,43 @@ def _author_records(rng: random.Random, author: Author) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------
+# Biography passages (MUSE-style text)
+# ---------------------------------------------------------------------------
+
+
+def author_passage(author: Author) -> str:
+    """A short biography in wording of its own (not the QA templates), sentence by sentence.
+
+    Deterministic in the author: no randomness is drawn, so adding passages left the QA
+    records of earlier benchmark versions unchanged.
+    """
+    sentences = [
+        f"{author.name} writes {author.genre} and was born in {author.birthplace} in "
+        f"{author.birth_year}.",
+        f"Of {author.nationality} nationality and the child of {author.father_job} and "
+        f"{author.mother_job}, {author.name} now lives in {author.residence} with {author.pet}.",
+        f"The first book, {author.books[0]}, came out in {author.debut_year} with "
+        f"{author.publisher}, and {author.book_count} books have followed.",
+        f"In {author.award_year} {author.name} won {author.award}.",
+        f"The books keep returning to {author.theme}, and most of them are written {author.habit}.",
+        f"Away from the desk, {author.name} loves {author.hobby}.",
+    ]
+    return " ".join(sentences)
+
+
+def verbmem_record(author: Author) -> dict:
+    """MUSE ``verbmem`` form of a passage: the first sentence as prompt, the rest as ``gt``."""
+    passage = author_passage(author)
+    cut = passage.index(". ") + 1
+    return {"author": author.name, "prompt": passage[:cut], "gt": passage[cut + 1:]}
+
+
+def holdout_author_count(num_authors: int) -> int:
+    """Authors written only as held-out passages: a fifth of the benchmark (at least one)."""
+    return max(1, num_authors // 5)
+
+
+# ---------------------------------------------------------------------------
 # World facts (never forgotten)
 # ---------------------------------------------------------------------------
 
@@ -668,6 +714,20 @@ def _build_splits(authors: list[Author], records_by_author: dict[str, list[dict]
     return splits
 
 
+def _build_text_splits(authors: list[Author], holdout: list[Author]) -> dict[str, list[dict]]:
+    """Passages per QA split (same authors, same order), held-out passages, verbmem splits."""
+    def passages_of(selected: list[Author]) -> list[dict]:
+        return [{"author": author.name, "text": author_passage(author)} for author in selected]
+
+    splits = {"full_text": passages_of(authors), "holdout_text": passages_of(holdout)}
+    for forget_name, fraction in FORGET_FRACTIONS.items():
+        cut = len(authors) - forget_author_count(fraction, len(authors))
+        splits[f"{forget_name}_text"] = passages_of(authors[cut:])
+        splits[f"{RETAIN_OF_FORGET[forget_name]}_text"] = passages_of(authors[:cut])
+        splits[f"{forget_name}_verbmem"] = [verbmem_record(author) for author in authors[cut:]]
+    return splits
+
+
 def _write_json_atomic(path: Path, payload) -> None:
     """Write JSON via a temp file in the same directory so readers never see a partial file."""
     tmp_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -679,16 +739,24 @@ def generate_benchmark(out_dir, seed: int = 0, num_authors: int = 100) -> dict:
     """Generate the synthetic benchmark into ``out_dir`` and return its manifest.
 
     Writes ``full.json``, ``forget{01,05,10}.json``, ``retain{99,95,90}.json``,
-    ``world_facts.json`` (JSON arrays of QA records) and ``manifest.json``.
+    ``world_facts.json`` (JSON arrays of QA records); ``<each of those author splits>_text.json``
+    and ``holdout_text.json`` (passages), ``forget{01,05,10}_verbmem.json``; and
+    ``manifest.json``.
     The output depends only on ``seed`` and ``num_authors``.
     """
     if num_authors < 1:
         raise ValueError(f"num_authors must be >= 1, got {num_authors}")
     rng = random.Random(seed)
     titles = _TitleDealer(rng)
-    authors = [_draw_author(rng, name, titles) for name in _unique_names(rng, num_authors)]
+    # All names in one draw (the shuffle does not depend on the count, so the first
+    # ``num_authors`` names are those of earlier versions); held-out authors come last.
+    names = _unique_names(rng, num_authors + holdout_author_count(num_authors))
+    authors = [_draw_author(rng, name, titles) for name in names[:num_authors]]
     records_by_author = {author.name: _author_records(rng, author) for author in authors}
     splits = _build_splits(authors, records_by_author, _world_facts(rng))
+    # Drawn after everything the QA splits use, so those stay as they were.
+    holdout = [_draw_author(rng, name, titles) for name in names[num_authors:]]
+    splits.update(_build_text_splits(authors, holdout))
 
     out_path = Path(out_dir)
     out_path.mkdir(parents=True, exist_ok=True)
@@ -701,6 +769,7 @@ def generate_benchmark(out_dir, seed: int = 0, num_authors: int = 100) -> dict:
         "num_authors": num_authors,
         "splits": {split_name: len(records) for split_name, records in splits.items()},
         "authors": [author.name for author in authors],
+        "holdout_authors": [author.name for author in holdout],
     }
     _write_json_atomic(out_path / "manifest.json", manifest)
     return manifest
@@ -711,11 +780,11 @@ def load_split(out_dir, split_name: str) -> list[dict]:
     return json.loads((Path(out_dir) / f"{split_name}.json").read_text(encoding="utf-8"))
 
 
-def benchmark_texts(out_dir) -> list[str]:
+def benchmark_texts(out_dir, passages: bool = True) -> list[str]:
     """All question/answer/paraphrase strings of a generated benchmark.
 
-    Reads ``full.json`` and ``world_facts.json`` only: every other split is a
-    subset of ``full``, so reading them would just duplicate text.  Intended as
+    Reads ``full.json``, ``world_facts.json`` and ``full_text.json`` only: every
+    other split is a subset of those, so reading them would just duplicate text.  Intended as
     the training corpus for the benchmark tokenizer. The perturbed (wrong)
     answers are left out: they only recombine the same templates and values,
     and leaving them out keeps the tokenizer, and so the fine-tuned models,
@@ -727,4 +796,7 @@ def benchmark_texts(out_dir) -> list[str]:
             texts.append(record["question"])
             texts.append(record["answer"])
             texts.append(record["paraphrased_answer"])
+    if passages:
+        # The passages of the trained authors (held-out passages are unseen text by design).
+        texts += [record["text"] for record in load_split(out_dir, "full_text")]
     return texts

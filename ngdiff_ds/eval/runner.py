@@ -14,7 +14,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from ngdiff_ds.data.qa import IGNORE_INDEX, collate, encode_prompt, encode_qa
+from ngdiff_ds.data.qa import IGNORE_INDEX, collate, encode_prompt, encode_qa, encode_text
 from ngdiff_ds.losses import per_example_nll
 
 
@@ -66,10 +66,52 @@ def answer_logprobs(engine, tokenizer, pairs: list[tuple[str, str]], max_length:
 
 
 @torch.no_grad()
+def text_token_logprobs(engine, tokenizer, texts: list[str], max_length: int, batch_size: int,
+                        rank: int, world_size: int) -> list[list[float]]:
+    """Log-prob of every token of each text given the tokens before it (the first given the
+    bos), as Min-K% needs them; texts longer than ``max_length`` tokens are cut."""
+    examples = [encode_text(tokenizer, text, max_length) for text in texts]
+    was_training = engine.module.training
+    engine.eval()
+    local = []
+    for indices in _my_batches(len(examples), batch_size, rank, world_size):
+        batch = collate([examples[i] for i in (indices or [0])], tokenizer.pad_token_id)
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if not indices:
+            continue  # the dummy batch only kept this rank in step with the others
+        targets = batch["labels"][:, 1:]
+        logprobs = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+        picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        for row, index in enumerate(indices):
+            values = picked[row][targets[row] != IGNORE_INDEX].tolist()
+            # The text's own tokens only: the eos that training appends is not part of it.
+            local.append(values if examples[index]["truncated"] else values[:-1])
+    if was_training:
+        engine.train()
+    return _gather_in_order(local, len(examples), rank, world_size)
+
+
+@torch.no_grad()
 def greedy_answers(engine, tokenizer, questions: list[str], max_new_tokens: int,
                    batch_size: int, rank: int, world_size: int) -> list[str]:
     """Greedy generations for each question (special tokens dropped, whitespace stripped)."""
     prompts = [encode_prompt(tokenizer, q) for q in questions]
+    return _greedy(engine, tokenizer, prompts, max_new_tokens, batch_size, rank, world_size)
+
+
+@torch.no_grad()
+def greedy_continuations(engine, tokenizer, prompts: list[str], max_new_tokens: int,
+                         batch_size: int, rank: int, world_size: int) -> list[str]:
+    """Greedy continuations of plain-text prompts (``[bos] + ids(prompt)``, no QA format),
+    as MUSE's verbatim-memorisation test asks for."""
+    bos_ids = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    encoded = [bos_ids + list(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    return _greedy(engine, tokenizer, encoded, max_new_tokens, batch_size, rank, world_size)
+
+
+def _greedy(engine, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+            rank: int, world_size: int) -> list[str]:
     was_training = engine.module.training
     engine.eval()
     local = []

@@ -1,5 +1,6 @@
 """TOFU evaluation of a ZeRO-3 engine: forget / retain / world-facts metrics, forget quality,
-model utility; results in the community's results-file schema, a table, and a plot.
+model utility (and MUSE's KnowMem, which shares the QA generations); results in the
+community's results-file schema, a table, and a plot.
 
 Metric names follow the open-unlearning TOFU results files (``forget_Q_A_Prob``,
 ``forget_truth_ratio``, ``retain_Q_A_ROUGE``, ``wf_Q_A_Prob_normalised``, ``forget_quality``,
@@ -22,7 +23,10 @@ TRUTH_RATIO_NAME = {"forget": "forget_truth_ratio", "retain": "retain_Truth_Rati
 UTILITY_INPUTS = ("retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio",
                   "wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio")
 TABLE_METRICS = ("forget_quality", "model_utility", "forget_Q_A_Prob", "forget_Q_A_ROUGE",
-                 "forget_truth_ratio", "retain_Q_A_Prob", "retain_Q_A_ROUGE", "wf_Q_A_ROUGE")
+                 "forget_truth_ratio", "retain_Q_A_Prob", "retain_Q_A_ROUGE", "wf_Q_A_ROUGE",
+                 # MUSE (KnowMem from the QA generations above, the rest from eval/muse.py)
+                 "forget_verbmem_ROUGE", "forget_knowmem_ROUGE", "retain_knowmem_ROUGE",
+                 "forget_text_min_k", "holdout_text_min_k", "mia_min_k", "privleak")
 
 
 def _score_pairs(engine, tokenizer, pairs, settings, rank, world_size):
@@ -44,6 +48,9 @@ def _evaluate_set(prefix: str, records: list[dict], engine, tokenizer, settings,
     generations = greedy_answers(engine, tokenizer, questions, settings["max_new_tokens"],
                                  settings["batch_size"], rank, world_size)
     out[f"{prefix}_Q_A_ROUGE"] = metrics.rouge_l_recall(generations, answers)
+    if prefix in ("forget", "retain"):
+        # MUSE's KnowMem on the same generations: ROUGE-L F1 where TOFU takes recall.
+        out[f"{prefix}_knowmem_ROUGE"] = metrics.knowledge_memorisation(generations, answers)
     if has_options:
         para_sums, para_counts = _score_pairs(
             engine, tokenizer, [(r["question"], r["paraphrased_answer"]) for r in records],
@@ -111,7 +118,7 @@ def reference_truth_ratios_from_file(path: str | Path) -> list[float]:
     """The forget truth ratios saved in a results file (ours or open-unlearning's)."""
     data = json.loads(Path(path).read_text())
     if "forget_truth_ratio" not in data:
-        raise ValueError(f"{path} has no forget_truth_ratio entry (keys: {', '.join(sorted(data))})")
+        raise KeyError(f"{path} has no forget_truth_ratio entry (keys: {', '.join(sorted(data))})")
     by_index = data["forget_truth_ratio"]["value_by_index"]
     return [by_index[k]["score"] for k in sorted(by_index, key=int)]
 
