@@ -27,7 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ngdiff_ds.cli import add_common_arguments, default_cache_dir, env_rank, fail, load_task, model_max_length  # noqa: E402
+from ngdiff_ds.cli import (add_common_arguments, add_evaluation_arguments, check_evaluation_arguments,  # noqa: E402
+                           default_cache_dir, env_rank, evaluation_settings, fail, first_split,
+                           load_task, model_max_length, tofu_retain_split)
 from ngdiff_ds.adaptive_lr import AdaptiveLRConfig  # noqa: E402
 from ngdiff_ds.combine import COMBINE_RULES  # noqa: E402
 from ngdiff_ds.config import ConfigError, UnlearnSettings, engine_config, read_json, validate_ds_config  # noqa: E402
@@ -70,32 +72,13 @@ def parse_args():
                       help="factor multiplied on the fitted rate, decaying over --max-steps")
     rate.add_argument("--lr-min-factor", type=float, default=defaults.min_schedule_factor,
                       help="final value of the linear/cosine schedule factor")
-    parser.add_argument("--eval-batch-size", type=int, default=32)
-    evaluation = parser.add_argument_group(
-        "TOFU and MUSE evaluation (before, every --eval-every steps, after)")
-    evaluation.add_argument("--eval-every", type=int, default=0, help="0: only before and after")
+    evaluation = parser.add_argument_group("when to evaluate")
+    evaluation.add_argument("--eval-every", type=int, default=0,
+                            help="evaluate before, every this many steps, and after (0: only "
+                                 "before and after)")
     evaluation.add_argument("--no-eval", dest="evaluate", action="store_false",
-                            help="skip all metrics (the answer NLL is still reported)")
-    evaluation.add_argument("--no-muse", dest="muse_eval", action="store_false",
-                            help="skip the MUSE text metrics (VerbMem, Min-K%% AUC, PrivLeak)")
-    evaluation.add_argument("--wf-split", default="world_facts",
-                            help="general-fact split for model utility (skipped if the data lacks it)")
-    evaluation.add_argument("--eval-retain-size", type=int, default=200,
-                            help="retain examples scored (the first N of the split)")
-    evaluation.add_argument("--max-new-tokens", type=int, default=48,
-                            help="greedy answer length for TOFU ROUGE and MUSE KnowMem")
-    evaluation.add_argument("--verbmem-split", default=None,
-                            help="prompt/gt records for VerbMem (default: <forget-split>_verbmem)")
-    evaluation.add_argument("--forget-text-split", default=None,
-                            help="forget texts for the Min-K%% test (default: <forget-split>_text)")
-    evaluation.add_argument("--holdout-split", default="holdout_text",
-                            help="texts no model trained on: the non-members of the Min-K%% test")
-    evaluation.add_argument("--verbmem-max-new-tokens", type=int, default=128)
-    evaluation.add_argument("--retain-model", default=None,
-                            help="retain-only model for forget quality and PrivLeak "
-                                 "(default: the embedded one)")
-    evaluation.add_argument("--retain-results", default=None,
-                            help="a saved results JSON of the retain-only model instead of --retain-model")
+                            help="skip all metrics (the training-target NLL is still reported)")
+    add_evaluation_arguments(parser)
     return parser.parse_args()
 
 
@@ -105,18 +88,14 @@ class RunEvaluation:
 
     def __init__(self, args, data, forget_split, retain_split, tokenizer, max_length, raw_config,
                  layout, rank, world_size, log, default_retain_model):
-        from ngdiff_ds.eval.suite import EvalOptions, Reference, SplitNames, load_eval_sets
+        from ngdiff_ds.eval.suite import Reference, load_eval_sets, truncated_texts_note
 
         self.rank, self.world_size, self.log, self.tokenizer = rank, world_size, log, tokenizer
         self.out_dir = Path(args.output_dir) / "eval"
-        self.options = EvalOptions(max_length=max_length, batch_size=args.eval_batch_size,
-                                   max_new_tokens=args.max_new_tokens,
-                                   verbmem_max_new_tokens=args.verbmem_max_new_tokens)
-        names = SplitNames(forget=forget_split, retain=retain_split, wf=args.wf_split,
-                           verbmem=args.verbmem_split, forget_text=args.forget_text_split,
-                           holdout_text=args.holdout_split, retain_size=args.eval_retain_size,
-                           muse=args.muse_eval)
+        names, self.options = evaluation_settings(args, forget_split, retain_split, max_length)
         self.sets = load_eval_sets(data, names, note=log.print)
+        if note := truncated_texts_note(tokenizer, self.sets, max_length):
+            log.print(note)
         self.points, self.columns = [], {}
         self.reference = None
         if args.retain_results:
@@ -142,7 +121,7 @@ class RunEvaluation:
                               reference, self.options)
 
     def _record(self, tag, results, step):
-        from ngdiff_ds.eval.tofu import write_results
+        from ngdiff_ds.eval.report import write_results
 
         if self.rank == 0:
             summary = write_results(results, self.out_dir, tag)
@@ -164,27 +143,12 @@ class RunEvaluation:
             if k in summary))
 
     def finish(self):
-        from ngdiff_ds.eval.tofu import format_table, plot_trajectory
+        from ngdiff_ds.eval.report import format_table, plot_trajectory
 
         self.log.print("\nTOFU and MUSE metrics (one column per model or evaluation point):\n"
                        + format_table(self.columns))
         if self.rank == 0:
             plot_trajectory(self.points, self.out_dir / "forget_quality_vs_utility.png")
-
-
-def first_split(splits: str) -> str:
-    return splits.split("+")[0]
-
-
-def tofu_retain_split(forget_split: str) -> str:
-    """forget10 -> retain90, forget05_text -> retain95_text, each part of an a+b list."""
-    parts = []
-    for part in forget_split.split("+"):
-        percent, _, suffix = part.removeprefix("forget").partition("_")
-        if not part.startswith("forget") or not percent.isdigit():
-            raise ConfigError(f"cannot infer the retain split of {part!r}; pass --retain-split")
-        parts.append(f"retain{100 - int(percent):02d}" + (f"_{suffix}" if suffix else ""))
-    return "+".join(parts)
 
 
 def main():
@@ -195,13 +159,10 @@ def main():
         if args.forget_split is None:
             args.forget_split = "forget10+forget10_text" if args.model is None else "forget10"
         retain_split = args.retain_split or tofu_retain_split(args.forget_split)
-        for flag, value in (("--max-steps", args.max_steps), ("--log-every", args.log_every),
-                            ("--eval-batch-size", args.eval_batch_size),
-                            ("--eval-retain-size", args.eval_retain_size),
-                            ("--max-new-tokens", args.max_new_tokens),
-                            ("--verbmem-max-new-tokens", args.verbmem_max_new_tokens)):
+        for flag, value in (("--max-steps", args.max_steps), ("--log-every", args.log_every)):
             if value < 1:
                 raise ConfigError(f"{flag} must be at least 1, got {value}")
+        check_evaluation_arguments(args)
         if args.lr is not None and not args.lr > 0:
             raise ConfigError(f"--lr must be positive, got {args.lr}")
         if (args.model is None) != (args.data is None):
@@ -288,10 +249,11 @@ def main():
         sys.exit(3)
     after = answer_losses()
     log.record("eval", args.max_steps, {f"after_{k}": v for k, v in after.items()})
+    # Saved before the final evaluation, so a failing evaluation never costs the trained model.
+    save_hf_model(built, tokenizer, Path(args.output_dir) / "model")
     if evaluation:
         evaluation.run(built.engine, "final", args.max_steps)
         evaluation.finish()
-    save_hf_model(built, tokenizer, Path(args.output_dir) / "model")
 
     summary = {"model": model, "data": data, "forget_split": args.forget_split,
                "retain_split": retain_split, "world_size": world_size,

@@ -44,6 +44,71 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a collective waiting longer than this fails the job instead of hanging")
 
 
+def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
+    """The TOFU and MUSE evaluation flags (launch/unlearn.py and launch/evaluate.py)."""
+    group = parser.add_argument_group("TOFU and MUSE evaluation")
+    group.add_argument("--eval-batch-size", type=int, default=32)
+    group.add_argument("--wf-split", default="world_facts",
+                       help="general-fact split for model utility (skipped if the data lacks it)")
+    group.add_argument("--eval-retain-size", type=int, default=200,
+                       help="retain examples scored (the first N of the split)")
+    group.add_argument("--max-new-tokens", type=int, default=48,
+                       help="greedy answer length for TOFU ROUGE and MUSE KnowMem")
+    group.add_argument("--no-muse", dest="muse_eval", action="store_false",
+                       help="skip the MUSE text metrics (VerbMem, Min-K%% AUC, PrivLeak)")
+    group.add_argument("--verbmem-split", default=None,
+                       help="prompt/gt records for VerbMem (default: <forget split>_verbmem)")
+    group.add_argument("--forget-text-split", default=None,
+                       help="forget texts for the Min-K%% test (default: <forget split>_text)")
+    group.add_argument("--holdout-split", default="holdout_text",
+                       help="texts no model trained on: the non-members of the Min-K%% test")
+    group.add_argument("--verbmem-max-new-tokens", type=int, default=128)
+    group.add_argument("--retain-model", default=None,
+                       help="retain-only model: the forget quality and PrivLeak reference")
+    group.add_argument("--retain-results", default=None,
+                       help="a saved results JSON of the retain-only model instead of --retain-model")
+
+
+def check_evaluation_arguments(args) -> None:
+    """Raise ConfigError naming the first evaluation flag out of range."""
+    for flag, value in (("--eval-batch-size", args.eval_batch_size),
+                        ("--eval-retain-size", args.eval_retain_size),
+                        ("--max-new-tokens", args.max_new_tokens),
+                        ("--verbmem-max-new-tokens", args.verbmem_max_new_tokens)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
+
+
+def evaluation_settings(args, forget_split: str, retain_split: str, max_length: int):
+    """(SplitNames, EvalOptions) from the evaluation flags."""
+    from ngdiff_ds.eval.suite import EvalOptions, SplitNames
+
+    names = SplitNames(forget=forget_split, retain=retain_split, wf=args.wf_split,
+                       verbmem=args.verbmem_split, forget_text=args.forget_text_split,
+                       holdout_text=args.holdout_split, retain_size=args.eval_retain_size,
+                       muse=args.muse_eval)
+    options = EvalOptions(max_length=max_length, batch_size=args.eval_batch_size,
+                          max_new_tokens=args.max_new_tokens,
+                          verbmem_max_new_tokens=args.verbmem_max_new_tokens)
+    return names, options
+
+
+def first_split(splits: str) -> str:
+    """The first of ``a+b`` splits: the one evaluation is named after."""
+    return splits.split("+")[0]
+
+
+def tofu_retain_split(forget_split: str) -> str:
+    """forget10 -> retain90, forget05_text -> retain95_text, for each part of ``a+b``."""
+    parts = []
+    for part in forget_split.split("+"):
+        percent, _, suffix = part.removeprefix("forget").partition("_")
+        if not part.startswith("forget") or not percent.isdigit():
+            raise ConfigError(f"cannot infer the retain split of {part!r}; pass --retain-split")
+        parts.append(f"retain{100 - int(percent):02d}" + (f"_{suffix}" if suffix else ""))
+    return "+".join(parts)
+
+
 def load_task(name: str, data: str, split: str, tokenizer, max_length: int, layout: BatchLayout,
               seed: int, log: RunLog) -> TaskData:
     """Load, validate and tokenise one split (or ``a+b``: several, concatenated); batches are
@@ -52,7 +117,7 @@ def load_task(name: str, data: str, split: str, tokenizer, max_length: int, layo
     examples, truncated = encode_split(tokenizer, records, max_length, split)
     if truncated:
         log.print(f"warning: {truncated} of {len(examples)} examples of split {split!r} were longer "
-                  f"than --max-length {max_length} and had their answer truncated")
+                  f"than --max-length {max_length} and were cut from the end (answers or texts)")
     batches = StepBatches(len(examples), layout.micro_batch_size, layout.micro_batches_per_step,
                           layout.world_size, seed)
     return TaskData(name=name, examples=examples, batches=batches,

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ngdiff_ds import adaptive_lr
 from ngdiff_ds.combine import COMBINE_RULES, Gram, combine_in_place, local_gram
 from ngdiff_ds.config import UnlearnSettings
-from ngdiff_ds.data.qa import StepBatches, collate, split_by_length
+from ngdiff_ds.data.qa import StepBatches, collate, length_cut
 from ngdiff_ds.engine import TrainingEngine, set_learning_rate
 from ngdiff_ds.losses import FORGET_LOSSES, answer_nll, per_example_nll
 from ngdiff_ds.run_log import RunLog
@@ -50,21 +50,30 @@ class TaskData:
         return out
 
     def length_grouped_batches(self, step: int, rank: int, device) -> tuple[list[dict], list[float]]:
-        """This rank's K micro-batches of ``step``, each cut into up to two length groups, and
-        each group's weight (its share of the micro-batch, over K): the weighted group losses
-        sum to the same per-example mean as the K micro-batches.
+        """This rank's K micro-batches of ``step``, each cut into short and long rows where that
+        saves padding, and each piece's weight (its share of the micro-batch, over K): the
+        weighted losses sum to the same per-example mean as the K micro-batches.
 
-        For training sets that mix short QA pairs with long passages: grouping saves the
-        padding of every short row to the longest passage.
+        For training sets that mix short QA pairs with long passages. The cut length comes from
+        the step's global batch, which every rank knows, so every rank runs the same number of
+        forwards (ZeRO-3 gathers parameters collectively in each): a rank with no row on one
+        side runs one of its rows there with weight 0.
         """
+        cut = length_cut([len(self.examples[i]["input_ids"])
+                          for i in self.batches.global_batch_indices(step)])
         out, weights = [], []
         micro_batches = self.batches.micro_batches_per_step
         for k in range(micro_batches):
             indices = self.batches.micro_batch_indices(step, rank, k)
-            for group in split_by_length([len(self.examples[i]["input_ids"]) for i in indices]):
-                batch = collate([self.examples[indices[j]] for j in group], self.pad_token_id)
+            if cut is None:
+                pieces = [indices]
+            else:
+                pieces = [[i for i in indices if len(self.examples[i]["input_ids"]) <= cut],
+                          [i for i in indices if len(self.examples[i]["input_ids"]) > cut]]
+            for piece in pieces:
+                batch = collate([self.examples[i] for i in (piece or indices[:1])], self.pad_token_id)
                 out.append({name: t.to(device) for name, t in batch.items()})
-                weights.append(len(group) / (len(indices) * micro_batches))
+                weights.append(len(piece) / (len(indices) * micro_batches))
         return out, weights
 
 

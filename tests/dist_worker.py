@@ -52,6 +52,9 @@ def main():
         }, layout)
         forget = load_task("forget", args.data, "forget10", tokenizer, 64, layout, seed=3, log=log)
         retain = load_task("retain", args.data, "retain90", tokenizer, 64, layout, seed=4, log=log)
+        if scenario.get("kind") == "finetune":
+            finetune(args.model, ds_config, args.data, tokenizer, layout, scenario, out, rank, log)
+            continue
         if scenario.get("kind") == "probe_restore":
             probe_restore(args.model, ds_config, forget, retain, out / scenario["name"], rank)
             continue
@@ -123,6 +126,27 @@ def eval_scores(model, ds_config, data, tokenizer, out: Path, rank, world_size, 
         (out / "scores.json").write_text(json.dumps({
             "scores": scores, "generations": generations, "token_logprobs": token_logprobs,
             "continuations": continuations}))
+
+
+def finetune(model, ds_config, data, tokenizer, layout, scenario, out: Path, rank, log) -> None:
+    """run_finetune on QA pairs mixed with passages (length-grouped batches: every rank must
+    run the same forwards, or ZeRO-3 hangs); rank 0 saves the weights."""
+    from ngdiff_ds.trainer import run_finetune
+
+    task = load_task("finetune", data, FINETUNE_SPLITS, tokenizer, FINETUNE_MAX_LENGTH, layout,
+                     seed=5, log=log)
+    built = build_engine(model, ds_config)
+    run_finetune(built, task, scenario["steps"], scenario["optimizer"]["params"]["lr"], log, rank,
+                 warmup_steps=FINETUNE_WARMUP)
+    state = consolidated_state_dict(built.engine)
+    if rank == 0:
+        torch.save({k: v.clone() for k, v in state.items()}, out / f"{scenario['name']}.pt")
+
+
+# Shared with the test's reference: what the fine-tune scenario trains on.
+FINETUNE_SPLITS = "forget10+full_text"
+FINETUNE_MAX_LENGTH = 96
+FINETUNE_WARMUP = 2
 
 
 def nan_skip(model, ds_config, forget, retain, out: Path, rank: int) -> None:

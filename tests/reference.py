@@ -129,3 +129,33 @@ def reference_run(model_dir: str, data_dir: str, optimizer_config: dict, global_
             lr = _fitted_rate(lr, probes, adaptive)
         stats.append(record)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, stats
+
+
+def reference_finetune(model_dir: str, data_dir: str, splits: str, max_length: int, global_batch: int,
+                       steps: int, peak_lr: float, warmup_steps: int, seed: int) -> dict:
+    """Plain SGD fine-tuning, one example per forward: the mean per-example NLL of each step's
+    global batch, the rate warmed up linearly then cosine-decayed to 10 % (as run_finetune)."""
+    import math
+
+    from ngdiff_ds.data.qa import load_training_records
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.train()
+    examples, _ = encode_split(tokenizer, load_training_records(data_dir, splits), max_length, splits)
+    batches = StepBatches(len(examples), global_batch, 1, 1, seed)
+    for step in range(steps):
+        if step < warmup_steps:
+            lr = peak_lr * (step + 1) / warmup_steps
+        else:
+            fraction = (step - warmup_steps) / max(1, steps - warmup_steps)
+            lr = peak_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * fraction)))
+        indices = batches.global_batch_indices(step)
+        loss = torch.stack([_example_nll(model, examples[i]) for i in indices]).mean()
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                if g is not None:
+                    p -= lr * g
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -153,3 +153,26 @@ def test_missing_part_of_a_joined_split(tmp_path, tiny_assets):
                          extra=["--forget-split", "forget10+forget10_nosuch",
                                 "--retain-split", "retain90"])
     assert_refused(result, "forget10_nosuch", "available splits")
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--eval-batch-size", "0"], "--eval-batch-size must be at least 1"),
+    (["--verbmem-max-new-tokens", "0"], "--verbmem-max-new-tokens must be at least 1"),
+])
+def test_evaluate_script_refuses_bad_numbers(tmp_path, tiny_assets, flags, needle):
+    command = [PYTHON, "launch/evaluate.py", "--deepspeed", "ds_configs/zero3.json",
+               "--model", tiny_assets["model"], "--data", tiny_assets["data"],
+               "--output-dir", str(tmp_path / "out"), *flags]
+    result = subprocess.run(command, cwd=REPO, env=single_rank_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert_refused(result, needle)
+
+
+def test_evaluate_script_refuses_a_missing_retain_model(tmp_path, tiny_assets):
+    command = [PYTHON, "launch/evaluate.py", "--deepspeed", "ds_configs/zero3.json",
+               "--model", tiny_assets["model"], "--data", tiny_assets["data"],
+               "--retain-model", str(tmp_path / "no_such_retain_model"),
+               "--output-dir", str(tmp_path / "out")]
+    result = subprocess.run(command, cwd=REPO, env=single_rank_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert_refused(result, "no_such_retain_model")

@@ -28,7 +28,7 @@ from ngdiff_ds.data.qa import (
     load_qa_split,
     load_text_split,
     load_verbmem_split,
-    split_by_length,
+    length_cut,
 )
 
 RECORDS = [
@@ -495,16 +495,40 @@ def test_encode_split_mixes_qa_and_text_records(tokenizer):
 
 
 def _padded_tokens(groups, lengths):
-    return sum(len(g) * max(lengths[i] for i in g) for g in groups)
+    return sum(len(g) * max(lengths[i] for i in g) for g in groups if g)
 
 
 @pytest.mark.parametrize("lengths", [[5], [3, 3, 3], [30, 31, 29, 120, 28, 125, 33],
-                                     [10, 20, 30, 40, 50], [7, 100, 7, 7, 7, 7, 7, 7]])
-def test_split_by_length_is_the_cheapest_two_way_cut(lengths):
-    groups = split_by_length(lengths)
-    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
-    # brute force over every cut of the sorted order (and no cut)
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    best = min([_padded_tokens([order], lengths)]
-               + [_padded_tokens([order[:c], order[c:]], lengths) for c in range(1, len(order))])
-    assert _padded_tokens(groups, lengths) == best
+                                     [10, 20, 30, 40, 50], [7, 100, 7, 7, 7, 7, 7, 7],
+                                     [10, 11], [40, 40, 41, 41]])
+def test_length_cut_is_the_cheapest_two_way_cut_worth_a_forward(lengths):
+    cut = length_cut(lengths, min_saving=0.3)
+    whole = len(lengths) * max(lengths)
+    # brute force over every threshold (each distinct length) and no cut
+    costs = {t: _padded_tokens([[i for i, n in enumerate(lengths) if n <= t],
+                                [i for i, n in enumerate(lengths) if n > t]], lengths)
+             for t in sorted(set(lengths))[:-1]}
+    best = min(costs, key=lambda t: (costs[t], t)) if costs else None
+    if best is not None and costs[best] <= 0.7 * whole:
+        assert cut == best and costs[cut] == min(costs.values())
+    else:
+        assert cut is None
+
+
+def test_length_grouped_batches_run_the_same_forwards_on_every_rank():
+    """Under ZeRO-3 every forward is collective: the pieces per step must agree across ranks
+    even when one rank's rows are all short (it then runs a zero-weight piece)."""
+    from ngdiff_ds.trainer import TaskData
+
+    lengths = [12, 13, 12, 110, 14, 12, 13, 105, 12, 12, 12, 12]
+    examples = [{"input_ids": [5] * n, "labels": [5] * n} for n in lengths]
+    for micro, accum in ((1, 1), (2, 1), (1, 2), (3, 2)):
+        batches = StepBatches(len(examples), micro, accum, 2, seed=0)
+        data = TaskData("mixed", examples, batches, pad_token_id=0)
+        for step in range(12):
+            per_rank = [data.length_grouped_batches(step, rank, "cpu") for rank in (0, 1)]
+            assert len(per_rank[0][0]) == len(per_rank[1][0]), (micro, accum, step)
+            for pieces, weights in per_rank:
+                assert sum(weights) == pytest.approx(1.0)
+                assert sum(b["input_ids"].shape[0] for b, w in zip(pieces, weights) if w > 0) \
+                    == micro * accum

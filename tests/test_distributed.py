@@ -33,6 +33,8 @@ NO_PERSISTENT = {"stage3_param_persistence_threshold": 0}
 GEN_SGD = {"type": "SGD", "params": {"lr": 3.0}}
 GEN_SGD_TOO_LARGE = {"type": "SGD", "params": {"lr": 30.0}}
 
+FINETUNE_SGD = {"type": "SGD", "params": {"lr": 0.5}}
+
 TWO_RANK_SCENARIOS = [
     {"name": "sgd", "optimizer": SGD, "micro": 2, "accum": 1, "save_after": [1, 3]},
     {"name": "adamw", "optimizer": ADAMW, "micro": 2, "accum": 1, "save_after": [1, 3]},
@@ -48,6 +50,9 @@ TWO_RANK_SCENARIOS = [
     {"name": "gen_adamw", "optimizer": ADAMW, "micro": 2, "accum": 1, "save_after": [4],
      "adaptive": {**ADAPTIVE, "period": 2}, "replay_without_probes": True},
     {"name": "eval", "kind": "eval", "optimizer": SGD, "micro": 2, "accum": 1, "num_examples": 7},
+    # micro-batch 1 per rank, QA pairs mixed with long passages: length groups must agree
+    {"name": "finetune", "kind": "finetune", "optimizer": FINETUNE_SGD, "micro": 1, "accum": 1,
+     "steps": 4},
     {"name": "nan_skip", "kind": "nan_skip", "optimizer": ADAMW, "micro": 2, "accum": 1},
     # optimizer and parameters offloaded to CPU, with probes every step
     {"name": "gen_offload", "optimizer": ADAMW, "micro": 2, "accum": 1, "save_after": [3],
@@ -245,3 +250,21 @@ def test_muse_text_scoring_does_not_depend_on_rank_count(one_rank_results, two_r
         assert values_two == pytest.approx(values_one, rel=1e-5, abs=1e-6)
         assert values_two == pytest.approx(reference_token_logprobs(model, tokenizer, text),
                                            rel=1e-4, abs=1e-5)
+
+
+def test_finetune_on_mixed_lengths_matches_reference(two_rank_results, tiny_assets):
+    """run_finetune over 2 ranks with micro-batch 1 on QA pairs and passages (each step's
+    short and long rows run as separate forwards) equals plain one-example-at-a-time SGD."""
+    from tests.dist_worker import FINETUNE_MAX_LENGTH, FINETUNE_SPLITS, FINETUNE_WARMUP
+    from tests.reference import reference_finetune
+
+    state = torch.load(two_rank_results / "finetune.pt")
+    expected = reference_finetune(tiny_assets["model"], tiny_assets["data"], FINETUNE_SPLITS,
+                                  FINETUNE_MAX_LENGTH, global_batch=2, steps=4,
+                                  peak_lr=FINETUNE_SGD["params"]["lr"],
+                                  warmup_steps=FINETUNE_WARMUP, seed=5)
+    initial = reference_finetune(tiny_assets["model"], tiny_assets["data"], FINETUNE_SPLITS,
+                                 FINETUNE_MAX_LENGTH, 2, 0, 0.0, 1, 5)
+    moved = max((expected[k] - initial[k]).abs().max().item() for k in initial)
+    assert moved > 20 * WEIGHT_ATOL, f"reference barely moved ({moved})"
+    _assert_same_weights(state, expected, WEIGHT_ATOL, "fine-tune after 4 steps")

@@ -161,14 +161,61 @@ def test_muse_metrics_of_the_run(main_run):
     assert "forget_verbmem_ROUGE" in result.stdout and "privleak" in result.stdout
 
 
+def test_final_scores_follow_from_the_saved_per_example_values(main_run):
+    """forget quality and PrivLeak of the final model, recomputed here from the two saved
+    results files with scipy and MUSE's formula, equal what the run reported."""
+    from scipy.stats import ks_2samp
+
+    root, _ = main_run
+    eval_dir = root / "out" / "eval"
+    reference = json.loads((eval_dir / "retain_model_results.json").read_text())
+    final = json.loads((eval_dir / "final_results.json").read_text())
+    summary = json.loads((eval_dir / "final_summary.json").read_text())
+
+    def ratios(results):
+        by_index = results["forget_truth_ratio"]["value_by_index"]
+        return [by_index[str(i)]["score"] for i in range(len(by_index))]
+
+    assert len(ratios(reference)) == 177
+    assert summary["forget_quality"] == pytest.approx(ks_2samp(ratios(final), ratios(reference)).pvalue)
+    # MUSE orients the AUC with forget texts as the negative class: 1 - ours
+    auc_muse, reference_auc_muse = (1 - final["mia_min_k"]["agg_value"],
+                                    1 - reference["mia_min_k"]["agg_value"])
+    assert summary["privleak"] == pytest.approx((auc_muse - reference_auc_muse) / reference_auc_muse * 100)
+
+
 def test_reference_against_itself_gives_forget_quality_one_and_privleak_zero(main_run):
-    """Feeding the retain-only model's own saved results as the reference gives exactly 1
-    (forget quality) and 0 (PrivLeak)."""
+    """The retain-only model's own saved results, read back as the reference, give exactly 1
+    (forget quality) and 0 (PrivLeak), and carry its reported AUC."""
     from ngdiff_ds.eval.metrics import forget_quality, privleak
     from ngdiff_ds.eval.suite import Reference
 
     root, _ = main_run
     reference = Reference.from_file(root / "out" / "eval" / "retain_model_results.json")
+    summary = json.loads((root / "out" / "eval" / "retain_model_summary.json").read_text())
+    assert reference.mia_auc == summary["mia_min_k"]
     assert len(reference.forget_truth_ratios) == 177
     assert forget_quality(reference.forget_truth_ratios, reference.forget_truth_ratios).agg_value == 1.0
     assert privleak(reference.mia_auc, reference.mia_auc).agg_value == 0.0
+
+
+def test_evaluate_script_reproduces_the_final_column_on_one_rank(main_run):
+    """launch/evaluate.py on the saved model (1 rank, plain python, the retain-only model's
+    saved results as the reference) gives the run's final numbers (2 ranks, in-process)."""
+    from tests.conftest import PYTHON, single_rank_env
+
+    root, _ = main_run
+    eval_dir = root / "out" / "eval"
+    command = [PYTHON, "launch/evaluate.py", "--deepspeed", "ds_configs/zero3.json",
+               "--model", str(root / "out" / "model"), "--data", str(root / "cache" / VERSION / "data"),
+               "--retain-results", str(eval_dir / "retain_model_results.json"),
+               "--output-dir", str(root / "evaluate")]
+    result = subprocess.run(command, cwd=REPO, env=single_rank_env(), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    reproduced = json.loads((root / "evaluate" / "model_summary.json").read_text())
+    final = json.loads((eval_dir / "final_summary.json").read_text())
+    assert set(reproduced) == set(final)
+    for name, value in final.items():
+        assert reproduced[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    assert "privleak" in result.stdout

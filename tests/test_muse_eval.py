@@ -72,14 +72,19 @@ def texts(tiny_assets, count):
 
 def test_text_token_logprobs_match_unbatched_float64(tiny_assets, model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    sample = texts(tiny_assets, 7) + ["A short one."]
-    # batch 3: padded batches with long and short texts together
-    scored = text_token_logprobs(PlainEngine(model), tokenizer, sample, 512, 3, 0, 1)
+    sample = texts(tiny_assets, 7) + ["A short one.", "The capital of France is Paris."]
+    # batch 3: padded batches with long and short texts together; max_length 128 (the model's
+    # positions) cuts the passages, which are then scored up to the cut, and leaves the short
+    # texts whole, whose appended eos is then not scored
+    scored = text_token_logprobs(PlainEngine(model), tokenizer, sample, 128, 3, 0, 1)
     assert len(scored) == len(sample)
     for text, values in zip(sample, scored):
         expected = reference_token_logprobs(model, tokenizer, text)
+        if len(expected) >= 127:
+            expected = expected[:127]  # 128 positions: the bos and 127 scored tokens
         assert len(values) == len(expected)
         assert values == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert len(scored[0]) == 127 and len(scored[-1]) < 20
 
 
 def test_greedy_continuations_match_token_by_token_decoding(tiny_assets, model_and_tokenizer):
@@ -134,5 +139,8 @@ def test_evaluate_muse_without_reference_has_no_privleak(tiny_assets, model_and_
                             batch_size=1)
     assert set(results) == {"forget_text_min_k", "holdout_text_min_k", "mia_min_k"}
     # the first forget text is also the only holdout text (scored alike at batch size 1):
-    # one exact tie (1/2) and one other pair
-    assert results["mia_min_k"].agg_value in (0.25, 0.75)
+    # one exact tie (1/2) and one pair decided by the second text's score
+    first, second = (_min_k(reference_token_logprobs(model, tokenizer, r["text"])[:511])
+                     for r in forget)
+    assert first != second
+    assert results["mia_min_k"].agg_value == (0.5 + (1.0 if second > first else 0.0)) / 2

@@ -26,6 +26,8 @@ import torch
 
 __all__ = [
     "DataError",
+    "SplitNotFound",
+    "MissingField",
     "REQUIRED_FIELDS",
     "SPLIT_EXTENSIONS",
     "IGNORE_INDEX",
@@ -34,7 +36,7 @@ __all__ = [
     "load_text_split",
     "load_verbmem_split",
     "encode_text",
-    "split_by_length",
+    "length_cut",
     "format_prompt",
     "encode_qa",
     "encode_split",
@@ -45,6 +47,19 @@ __all__ = [
 
 class DataError(ValueError):
     """Bad user data; message names the file/split and the field or record."""
+
+
+class SplitNotFound(DataError):
+    """The split is not there (no such file, path or loadable hub dataset), as opposed to
+    there but malformed: optional evaluation sets are skipped on this one only."""
+
+
+class MissingField(DataError):
+    """A record lacks a required field (``field`` names it)."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
 
 
 REQUIRED_FIELDS = ("question", "answer")
@@ -106,8 +121,8 @@ def load_training_records(data: str, split: str) -> list[dict]:
     for part in split.split("+"):
         try:
             records += load_qa_split(data, part)
-        except DataError as qa_error:
-            if "missing required field 'question'" not in str(qa_error):
+        except MissingField as qa_error:
+            if qa_error.field != "question":
                 raise
             try:
                 records += load_text_split(data, part)
@@ -125,7 +140,7 @@ def _load_split(data: str, split: str, required: tuple[str, ...]) -> list[dict]:
     if os.path.isfile(data):
         return _load_file_records(data, split, required)
     if _looks_like_local_path(data):
-        raise DataError(
+        raise SplitNotFound(
             f"data path {data!r} does not exist (split {split!r}); expected a directory "
             f"holding <split>{{{','.join(SPLIT_EXTENSIONS)}}} files or a single data file"
         )
@@ -138,7 +153,7 @@ def _resolve_split_in_directory(directory: str, split: str) -> str:
         if os.path.isfile(candidate):
             return candidate
     available = _available_splits(directory)
-    raise DataError(
+    raise SplitNotFound(
         f"split {split!r} not found in directory {directory!r}: tried "
         f"{', '.join(split + ext for ext in SPLIT_EXTENSIONS)}; "
         f"available splits: {', '.join(available) if available else '(none)'}"
@@ -232,7 +247,7 @@ def _load_hub_records(name: str, config: str, required: tuple[str, ...]) -> list
         dataset = datasets.load_dataset(name, config, split=hub_split or "train")
         raw_records = dataset.to_list()
     except Exception as error:
-        raise DataError(
+        raise SplitNotFound(
             f"data {name!r} (split {config!r}) is neither a local path nor a "
             f"loadable dataset; hub names only work where the Hugging Face hub is reachable "
             f"(this machine may be offline): {type(error).__name__}: {_one_line(error)}"
@@ -269,7 +284,7 @@ def _validate_record(record, index: int, source: str, required: tuple[str, ...])
         raise DataError(f"{where} is not an object (got {type(record).__name__})")
     for field in required:
         if field not in record:
-            raise DataError(f"{where} is missing required field {field!r}")
+            raise MissingField(f"{where} is missing required field {field!r}", field)
         value = record[field]
         if not isinstance(value, str) or not value.strip():
             raise DataError(
@@ -376,14 +391,14 @@ def encode_text(tokenizer, text: str, max_length: int) -> dict:
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no eos token; it is needed to end every text")
-    bos_ids = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    bos = bos_ids(tokenizer)
     target_ids = _encode_plain(tokenizer, text) + [tokenizer.eos_token_id]
-    room = max_length - len(bos_ids)
+    room = max_length - len(bos)
     if room < 1:
         raise DataError(f"max_length {max_length} leaves no room for text")
     truncated = len(target_ids) > room
     target_ids = target_ids[:room]
-    return {"input_ids": bos_ids + target_ids, "labels": [IGNORE_INDEX] * len(bos_ids) + target_ids,
+    return {"input_ids": bos + target_ids, "labels": [IGNORE_INDEX] * len(bos) + target_ids,
             "truncated": truncated}
 
 
@@ -392,8 +407,17 @@ def encode_prompt(tokenizer, question: str) -> list[int]:
     user turn, or ``[bos] + "Question: ...\nAnswer:"`` without a template."""
     if getattr(tokenizer, "chat_template", None):
         return _encode_plain(tokenizer, format_prompt(tokenizer, question))
-    bos_ids = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    return bos_ids + _encode_plain(tokenizer, format_prompt(tokenizer, question))
+    return bos_ids(tokenizer) + _encode_plain(tokenizer, format_prompt(tokenizer, question))
+
+
+def encode_plain_prompt(tokenizer, prompt: str) -> list[int]:
+    """``[bos] + ids(prompt)``: a plain-text prompt, encoded as ``encode_text`` starts a text."""
+    return bos_ids(tokenizer) + _encode_plain(tokenizer, prompt)
+
+
+def bos_ids(tokenizer) -> list[int]:
+    """``[bos]``, or ``[]`` for a tokenizer without one."""
+    return [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
 
 
 def _encode_plain(tokenizer, text: str) -> list[int]:
@@ -455,22 +479,26 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def split_by_length(lengths: list[int]) -> list[list[int]]:
-    """Positions of ``lengths`` in at most two groups that pad to the fewest tokens.
+def length_cut(lengths: list[int], min_saving: float = 0.3) -> int | None:
+    """The length at which to cut a batch into short and long rows, or None not to cut.
 
-    A batch of short QA pairs with a few long passages pads every row to the longest; cut
-    at the best point of the sorted lengths, the short rows pad only to their own longest.
-    Returns the groups (each in ascending length order); one group when cutting saves nothing.
+    A batch of short QA pairs with a few long passages pads every row to the longest; cut at
+    the best point of the sorted lengths, the short rows pad only to their own longest. The
+    cut costs a second forward, so it is taken only when it saves at least ``min_saving`` of
+    the padded tokens. Rows of length <= the returned value form the short group.
     """
     if not lengths:
-        raise ValueError("split_by_length needs at least one length")
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    best_cut, best_cost = len(order), len(order) * lengths[order[-1]]
-    for cut in range(1, len(order)):
-        cost = cut * lengths[order[cut - 1]] + (len(order) - cut) * lengths[order[-1]]
+        raise ValueError("length_cut needs at least one length")
+    ordered = sorted(lengths)
+    whole = len(ordered) * ordered[-1]
+    best_cost, best_cut = whole, None
+    for count in range(1, len(ordered)):
+        if ordered[count - 1] == ordered[count]:
+            continue  # equal lengths must land in the same group
+        cost = count * ordered[count - 1] + (len(ordered) - count) * ordered[-1]
         if cost < best_cost:
-            best_cut, best_cost = cut, cost
-    return [order[:best_cut], order[best_cut:]] if best_cut < len(order) else [order]
+            best_cost, best_cut = cost, ordered[count - 1]
+    return best_cut if best_cost <= (1.0 - min_saving) * whole else None
 
 
 # --------------------------------------------------------------------------

@@ -699,6 +699,11 @@ def forget_author_count(fraction: float, num_authors: int) -> int:
     return max(1, round(fraction * num_authors))
 
 
+def _first_forget_author(fraction: float, num_authors: int) -> int:
+    """Index of the first author of a forget split: the split is the last authors."""
+    return num_authors - forget_author_count(fraction, num_authors)
+
+
 def _build_splits(authors: list[Author], records_by_author: dict[str, list[dict]],
                   world_facts: list[dict]) -> dict[str, list[dict]]:
     """Assemble full, forget/retain and world-fact splits in file order."""
@@ -707,7 +712,7 @@ def _build_splits(authors: list[Author], records_by_author: dict[str, list[dict]
 
     splits = {"full": records_of(authors)}
     for forget_name, fraction in FORGET_FRACTIONS.items():
-        cut = len(authors) - forget_author_count(fraction, len(authors))
+        cut = _first_forget_author(fraction, len(authors))
         splits[forget_name] = records_of(authors[cut:])
         splits[RETAIN_OF_FORGET[forget_name]] = records_of(authors[:cut])
     splits["world_facts"] = world_facts
@@ -721,7 +726,7 @@ def _build_text_splits(authors: list[Author], holdout: list[Author]) -> dict[str
 
     splits = {"full_text": passages_of(authors), "holdout_text": passages_of(holdout)}
     for forget_name, fraction in FORGET_FRACTIONS.items():
-        cut = len(authors) - forget_author_count(fraction, len(authors))
+        cut = _first_forget_author(fraction, len(authors))
         splits[f"{forget_name}_text"] = passages_of(authors[cut:])
         splits[f"{RETAIN_OF_FORGET[forget_name]}_text"] = passages_of(authors[:cut])
         splits[f"{forget_name}_verbmem"] = [verbmem_record(author) for author in authors[cut:]]

@@ -2,16 +2,17 @@
 membership test behind PrivLeak.
 
 KnowMem (ROUGE of greedy answers to forget and retain QA pairs) shares its generations with
-TOFU's ROUGE and is computed in ``eval/tofu.py``. Metric names follow open-unlearning's MUSE
-results files: ``forget_verbmem_ROUGE``, ``forget_knowmem_ROUGE``, ``retain_knowmem_ROUGE``,
-``mia_min_k`` (the AUC) and ``privleak``; the per-text Min-K% scores are kept as
-``forget_text_min_k`` and ``holdout_text_min_k``.
+TOFU's ROUGE and is computed in ``eval/tofu.py`` (with TOFU's prompt, not MUSE's few-shot
+one). Metric names follow open-unlearning's MUSE results files: ``forget_verbmem_ROUGE``,
+``forget_knowmem_ROUGE``, ``retain_knowmem_ROUGE``, ``mia_min_k`` (the AUC) and ``privleak``;
+the per-text Min-K% scores are kept as ``forget_text_min_k`` and ``holdout_text_min_k``.
+ROUGE is computed without stemming, as MUSE's own code does (open-unlearning stems), so
+dropped-in open-unlearning VerbMem/KnowMem values can differ slightly.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import math
 
 from ngdiff_ds.eval import metrics
 from ngdiff_ds.eval.runner import greedy_continuations, text_token_logprobs
@@ -44,15 +45,20 @@ def evaluate_muse(engine, tokenizer, sets: dict[str, list[dict]], rank: int, wor
                                                  max_length, batch_size, rank, world_size)
             scores[name] = metrics.min_k_percent_scores(token_logprobs, MIN_K_FRACTION)
             results[f"{name}_min_k"] = scores[name]
-        results["mia_min_k"] = metrics.auc(scores["forget_text"], scores["holdout_text"])
+        if any(math.isnan(s.agg_value) for s in scores.values()):
+            # A model that scores NaN has no ranking to measure: report it, do not stop the run.
+            results["mia_min_k"] = metrics.MetricResult(math.nan)
+        else:
+            results["mia_min_k"] = metrics.auc(scores["forget_text"], scores["holdout_text"])
         if reference_auc is not None:
             results["privleak"] = metrics.privleak(results["mia_min_k"], reference_auc)
     return results
 
 
-def reference_auc_from_file(path: str | Path) -> float | None:
-    """The ``mia_min_k`` AUC saved in a results file (ours or open-unlearning's), or None when
-    the file has none (a TOFU-only results file)."""
-    data = json.loads(Path(path).read_text())
-    entry = data.get("mia_min_k")
-    return None if entry is None else float(entry["agg_value"])
+def mia_auc_of(results: dict) -> float | None:
+    """The ``mia_min_k`` AUC in a results mapping (ours or open-unlearning's, read from a
+    ``*_results.json``); None when it has none (a TOFU-only results file)."""
+    entry = results.get("mia_min_k")
+    if entry is None:
+        return None
+    return math.nan if entry["agg_value"] is None else float(entry["agg_value"])  # null: NaN

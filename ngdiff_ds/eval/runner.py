@@ -14,7 +14,8 @@ import math
 import torch
 import torch.distributed as dist
 
-from ngdiff_ds.data.qa import IGNORE_INDEX, collate, encode_prompt, encode_qa, encode_text
+from ngdiff_ds.data.qa import (IGNORE_INDEX, collate, encode_plain_prompt, encode_prompt, encode_qa,
+                               encode_text)
 from ngdiff_ds.losses import per_example_nll
 
 
@@ -81,10 +82,13 @@ def text_token_logprobs(engine, tokenizer, texts: list[str], max_length: int, ba
         if not indices:
             continue  # the dummy batch only kept this rank in step with the others
         targets = batch["labels"][:, 1:]
-        logprobs = torch.log_softmax(logits[:, :-1].double(), dim=-1)
-        picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         for row, index in enumerate(indices):
-            values = picked[row][targets[row] != IGNORE_INDEX].tolist()
+            # One row at a time in float32: a [batch, length, vocabulary] copy in a wider type
+            # would be gigabytes for long texts and large vocabularies.
+            row_logits = logits[row, :-1].float()
+            picked = row_logits.gather(-1, targets[row].clamp(min=0).unsqueeze(-1)).squeeze(-1) \
+                - torch.logsumexp(row_logits, dim=-1)
+            values = picked[targets[row] != IGNORE_INDEX].double().tolist()
             # The text's own tokens only: the eos that training appends is not part of it.
             local.append(values if examples[index]["truncated"] else values[:-1])
     if was_training:
@@ -105,8 +109,7 @@ def greedy_continuations(engine, tokenizer, prompts: list[str], max_new_tokens: 
                          batch_size: int, rank: int, world_size: int) -> list[str]:
     """Greedy continuations of plain-text prompts (``[bos] + ids(prompt)``, no QA format),
     as MUSE's verbatim-memorisation test asks for."""
-    bos_ids = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    encoded = [bos_ids + list(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    encoded = [encode_plain_prompt(tokenizer, p) for p in prompts]
     return _greedy(engine, tokenizer, encoded, max_new_tokens, batch_size, rank, world_size)
 
 

@@ -7,13 +7,15 @@ Shared by ``launch/unlearn.py`` (before, during and after unlearning) and
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ngdiff_ds.data.qa import DataError, load_qa_split, load_text_split, load_verbmem_split
+from ngdiff_ds.data.qa import (MissingField, SplitNotFound, encode_text, load_qa_split,
+                               load_text_split, load_verbmem_split)
 from ngdiff_ds.eval import metrics
-from ngdiff_ds.eval.muse import evaluate_muse, reference_auc_from_file
-from ngdiff_ds.eval.tofu import evaluate_tofu, reference_truth_ratios_from_file
+from ngdiff_ds.eval.muse import evaluate_muse, mia_auc_of
+from ngdiff_ds.eval.tofu import evaluate_tofu, forget_truth_ratios_of
 
 
 @dataclass
@@ -26,36 +28,41 @@ class EvalOptions:
 
 @dataclass
 class Reference:
-    """What the retain-only model contributes: its forget truth ratios (forget quality) and
-    its Min-K% AUC (PrivLeak). Either may be missing."""
+    """What the retain-only model contributes: its per-example forget truth ratios (for
+    forget quality) and its Min-K% AUC (for PrivLeak). Either may be missing."""
 
     forget_truth_ratios: list[float] | None = None
     mia_auc: float | None = None
 
     @classmethod
     def from_results(cls, results: dict[str, metrics.MetricResult]) -> "Reference":
-        ratios = results.get("forget_truth_ratio")
-        auc = results.get("mia_min_k")
-        return cls(forget_truth_ratios=None if ratios is None else ratios,
-                   mia_auc=None if auc is None else auc.agg_value)
+        """From the freshly computed results of the retain-only model."""
+        return cls.from_mapping(metrics.to_results(results), "the retain-only model's results")
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Reference":
-        """A saved results JSON (ours or open-unlearning's) of the retain-only model."""
+        """From a saved ``*_results.json`` (ours or open-unlearning's) of the retain-only model."""
         try:
-            try:
-                ratios = reference_truth_ratios_from_file(path)
-            except KeyError:
-                ratios = None  # e.g. a MUSE-only results file
-            reference = cls(forget_truth_ratios=ratios, mia_auc=reference_auc_from_file(path))
+            data = json.loads(Path(path).read_text())
         except OSError as error:
             raise ValueError(f"cannot read the reference results {path}: {error.strerror or error}")
-        except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"{path} is not a results JSON in the community schema ({error})")
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error})")
+        reference = cls.from_mapping(data, str(path))
         if reference.forget_truth_ratios is None and reference.mia_auc is None:
             raise ValueError(f"{path} has neither forget_truth_ratio nor mia_min_k: not a "
                              "retain-only model's results file")
         return reference
+
+    @classmethod
+    def from_mapping(cls, data, source: str) -> "Reference":
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a JSON object of metric results")
+        try:
+            return cls(forget_truth_ratios=forget_truth_ratios_of(data), mia_auc=mia_auc_of(data))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{source} is not in the results schema (metric -> agg_value, "
+                             f"value_by_index): {type(error).__name__} {error}")
 
 
 @dataclass
@@ -70,35 +77,46 @@ class SplitNames:
     muse: bool = True
 
 
-# DataError messages that mean "this split is not there" (as opposed to "it is malformed").
-_ABSENT = ("not found in directory", "does not exist", "neither a local path nor a loadable dataset")
-
-
 def load_eval_sets(data: str, names: SplitNames, note=print) -> dict[str, list[dict]]:
-    """The evaluation sets the data has. Forget and retain QA are required. The general-fact
-    set and the MUSE text sets are optional: one that is absent is skipped (``note`` says so
-    and what is lost); one that is present but malformed, or that was named explicitly
-    (``verbmem``, ``forget_text``), is an error."""
-    sets = {"forget": load_qa_split(data, names.forget),
-            "retain": load_qa_split(data, names.retain)[:names.retain_size]}
+    """The evaluation sets the data has.
+
+    TOFU needs the forget and retain splits to be QA splits; a forget split of text records
+    (a MUSE-style run) skips TOFU with a note and serves as the Min-K% member set. The
+    general-fact set and the MUSE sets are optional: one that is absent is skipped (``note``
+    says so and what is lost); one that is present but malformed, or that was named
+    explicitly (``verbmem``, ``forget_text``), is an error.
+    """
+    sets = {}
+    forget_text_default = f"{names.forget}_text"
+    try:
+        sets["forget"] = load_qa_split(data, names.forget)
+    except MissingField as error:
+        if error.field != "question":
+            raise
+        load_text_split(data, names.forget)  # not QA: it must then be text, else this raises
+        note(f"note: {names.forget!r} holds text, not QA pairs; no TOFU metrics")
+        forget_text_default = names.forget
+    if "forget" in sets:
+        sets["retain"] = load_qa_split(data, names.retain)[:names.retain_size]
+    if Path(data).is_file():
+        note(f"note: {data} is a single file, so it has no general-fact or MUSE text splits")
+        return sets
     optional = [("wf", load_qa_split, names.wf, False, "model utility uses retain only")]
     if names.muse:
         optional += [
             ("verbmem", load_verbmem_split, names.verbmem or f"{names.forget}_verbmem",
              names.verbmem is not None, "no VerbMem"),
-            ("forget_text", load_text_split, names.forget_text or f"{names.forget}_text",
+            ("forget_text", load_text_split, names.forget_text or forget_text_default,
              names.forget_text is not None, "no Min-K% AUC / PrivLeak"),
             ("holdout_text", load_text_split, names.holdout_text, False, "no Min-K% AUC / PrivLeak"),
         ]
-    single_file = Path(data).is_file()  # every split name resolves to this one (QA) file
+    if "forget" not in sets:
+        optional = [entry for entry in optional if entry[0] != "wf"]
     for key, loader, split, explicit, consequence in optional:
-        if single_file and key != "wf" and not explicit:
-            note(f"note: {data} is a single file, so it has no {split!r} split; {consequence}")
-            continue
         try:
             sets[key] = loader(data, split)
-        except DataError as error:
-            if explicit or not any(marker in str(error) for marker in _ABSENT):
+        except SplitNotFound:
+            if explicit:
                 raise
             note(f"note: no {split!r} split in {data}; {consequence}")
     if ("forget_text" in sets) != ("holdout_text" in sets):
@@ -107,15 +125,28 @@ def load_eval_sets(data: str, names: SplitNames, note=print) -> dict[str, list[d
     return sets
 
 
+def truncated_texts_note(tokenizer, sets: dict[str, list[dict]], max_length: int) -> str | None:
+    """A note when Min-K% texts are longer than ``max_length`` tokens and only their start is
+    scored (MUSE scores whole chunks: raise --max-length, or chunk the texts)."""
+    texts = [r["text"] for key in ("forget_text", "holdout_text") for r in sets.get(key, [])]
+    cut = sum(encode_text(tokenizer, text, max_length)["truncated"] for text in texts)
+    if not cut:
+        return None
+    return (f"note: {cut} of {len(texts)} Min-K% texts are longer than --max-length {max_length} "
+            "tokens; only their first tokens are scored")
+
+
 def evaluate_model(engine, tokenizer, sets: dict[str, list[dict]], rank: int, world_size: int,
                    reference: Reference | None, options: EvalOptions) -> dict[str, metrics.MetricResult]:
     """Every metric the sets allow. Collective: every rank calls it, every rank gets the results."""
     reference = reference or Reference()
     tofu_sets = {k: sets[k] for k in ("forget", "retain", "wf") if k in sets}
-    results = evaluate_tofu(engine, tokenizer, tofu_sets, rank, world_size,
-                            reference_forget_truth_ratios=reference.forget_truth_ratios,
-                            max_length=options.max_length, batch_size=options.batch_size,
-                            max_new_tokens=options.max_new_tokens)
+    results = {}
+    if tofu_sets:
+        results.update(evaluate_tofu(engine, tokenizer, tofu_sets, rank, world_size,
+                                     reference_forget_truth_ratios=reference.forget_truth_ratios,
+                                     max_length=options.max_length, batch_size=options.batch_size,
+                                     max_new_tokens=options.max_new_tokens))
     muse_sets = {k: sets[k] for k in ("verbmem", "forget_text", "holdout_text") if k in sets}
     if muse_sets:
         results.update(evaluate_muse(engine, tokenizer, muse_sets, rank, world_size,

@@ -1,6 +1,5 @@
 """TOFU evaluation of a ZeRO-3 engine: forget / retain / world-facts metrics, forget quality,
-model utility (and MUSE's KnowMem, which shares the QA generations); results in the
-community's results-file schema, a table, and a plot.
+model utility, and MUSE's KnowMem, which shares the QA generations.
 
 Metric names follow the open-unlearning TOFU results files (``forget_Q_A_Prob``,
 ``forget_truth_ratio``, ``retain_Q_A_ROUGE``, ``wf_Q_A_Prob_normalised``, ``forget_quality``,
@@ -9,8 +8,7 @@ Metric names follow the open-unlearning TOFU results files (``forget_Q_A_Prob``,
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import math
 
 from ngdiff_ds.eval import metrics
 from ngdiff_ds.eval.runner import answer_logprobs, greedy_answers
@@ -22,12 +20,6 @@ TRUTH_RATIO_NAME = {"forget": "forget_truth_ratio", "retain": "retain_Truth_Rati
                     "wf": "wf_Truth_Ratio"}
 UTILITY_INPUTS = ("retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio",
                   "wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio")
-TABLE_METRICS = ("forget_quality", "model_utility", "forget_Q_A_Prob", "forget_Q_A_ROUGE",
-                 "forget_truth_ratio", "retain_Q_A_Prob", "retain_Q_A_ROUGE", "wf_Q_A_ROUGE",
-                 # MUSE (KnowMem from the QA generations above, the rest from eval/muse.py)
-                 "forget_verbmem_ROUGE", "forget_knowmem_ROUGE", "retain_knowmem_ROUGE",
-                 "forget_text_min_k", "holdout_text_min_k", "mia_min_k", "privleak")
-
 
 def _score_pairs(engine, tokenizer, pairs, settings, rank, world_size):
     scored = answer_logprobs(engine, tokenizer, pairs, settings["max_length"],
@@ -103,57 +95,11 @@ def evaluate_tofu(engine, tokenizer, sets: dict[str, list[dict]], rank: int, wor
     return results
 
 
-def write_results(results: dict, out_dir: str | Path, tag: str) -> dict[str, float]:
-    """``<tag>_results.json`` (per example) and ``<tag>_summary.json``; returns the summary."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    full = metrics.to_results(results)
-    (out_dir / f"{tag}_results.json").write_text(json.dumps(full, indent=1))
-    summary = metrics.summary(full)
-    (out_dir / f"{tag}_summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
-
-
-def reference_truth_ratios_from_file(path: str | Path) -> list[float]:
-    """The forget truth ratios saved in a results file (ours or open-unlearning's)."""
-    data = json.loads(Path(path).read_text())
-    if "forget_truth_ratio" not in data:
-        raise KeyError(f"{path} has no forget_truth_ratio entry (keys: {', '.join(sorted(data))})")
-    by_index = data["forget_truth_ratio"]["value_by_index"]
-    return [by_index[k]["score"] for k in sorted(by_index, key=int)]
-
-
-def format_table(columns: dict[str, dict[str, float]]) -> str:
-    """Metrics as rows, one column per evaluated model."""
-    names = [m for m in TABLE_METRICS if any(m in c for c in columns.values())]
-    width = max(len(n) for n in names) + 2
-    lines = [" " * width + "".join(f"{title:>16s}" for title in columns)]
-    for name in names:
-        cells = "".join(f"{c[name]:>16.4g}" if name in c else f"{'-':>16s}" for c in columns.values())
-        lines.append(f"{name:<{width}s}{cells}")
-    return "\n".join(lines)
-
-
-def plot_trajectory(points: list[dict], path: str | Path) -> None:
-    """PNG of forget quality (log scale) against model utility over the evaluation points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    usable = [p for p in points if "forget_quality" in p and "model_utility" in p]
-    if not usable:
-        return
-    figure, axes = plt.subplots(figsize=(5, 4))
-    xs = [p["model_utility"] for p in usable]
-    ys = [max(p["forget_quality"], 1e-30) for p in usable]
-    axes.plot(xs, ys, "-o")
-    for p, x, y in zip(usable, xs, ys):
-        axes.annotate(str(p["label"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    axes.set_yscale("log")
-    axes.set_xlabel("model utility")
-    axes.set_ylabel("forget quality (KS p-value)")
-    axes.set_title("TOFU trade-off over the run")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+def forget_truth_ratios_of(results: dict) -> list[float] | None:
+    """The per-example forget truth ratios in a results mapping (ours or open-unlearning's,
+    read from a ``*_results.json``), in example order; None when it has no such entry."""
+    if "forget_truth_ratio" not in results:
+        return None
+    by_index = results["forget_truth_ratio"]["value_by_index"]
+    scores = [by_index[k]["score"] for k in sorted(by_index, key=int)]
+    return [math.nan if score is None else float(score) for score in scores]  # null: NaN
