@@ -44,26 +44,38 @@ def _gather_in_order(local_values: list, num_examples: int, rank: int, world_siz
     return ordered
 
 
+def _score_in_step(engine, examples: list[dict], pad_token_id: int, batch_size: int, rank: int,
+                   world_size: int, score_batch) -> list:
+    """Forward this rank's share of ``examples`` in batches, every rank the same number of
+    times; ``score_batch(batch, logits, indices)`` turns one batch into per-example values.
+    Returns every rank's values in example order."""
+    was_training = engine.module.training
+    engine.eval()
+    local = []
+    for indices in _my_batches(len(examples), batch_size, rank, world_size):
+        batch = collate([examples[i] for i in (indices or [0])], pad_token_id)
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if indices:  # else the dummy batch only kept this rank in step with the others
+            local += score_batch(batch, logits, indices)
+    if was_training:
+        engine.train()
+    return _gather_in_order(local, len(examples), rank, world_size)
+
+
 @torch.no_grad()
 def answer_logprobs(engine, tokenizer, pairs: list[tuple[str, str]], max_length: int,
                     batch_size: int, rank: int, world_size: int) -> list[tuple[float, int]]:
     """(sum of answer-token log-probs, number of answer tokens) for each (question, answer)."""
     examples = [encode_qa(tokenizer, q, a, max_length) for q, a in pairs]
-    was_training = engine.module.training
-    engine.eval()
-    local = []
-    for indices in _my_batches(len(examples), batch_size, rank, world_size):
-        batch = collate([examples[i] for i in (indices or [0])], tokenizer.pad_token_id)
-        batch = {k: v.to(engine.device) for k, v in batch.items()}
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        if not indices:
-            continue  # the dummy batch only kept this rank in step with the others
+
+    def score_batch(batch, logits, indices):
         counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)
         sums = -per_example_nll(logits, batch["labels"]).double() * counts
-        local += [(float(s), int(c)) for s, c in zip(sums.tolist(), counts.tolist())]
-    if was_training:
-        engine.train()
-    return _gather_in_order(local, len(examples), rank, world_size)
+        return [(float(s), int(c)) for s, c in zip(sums.tolist(), counts.tolist())]
+
+    return _score_in_step(engine, examples, tokenizer.pad_token_id, batch_size, rank, world_size,
+                          score_batch)
 
 
 @torch.no_grad()
@@ -72,16 +84,10 @@ def text_token_logprobs(engine, tokenizer, texts: list[str], max_length: int, ba
     """Log-prob of every token of each text given the tokens before it (the first given the
     bos), as Min-K% needs them; texts longer than ``max_length`` tokens are cut."""
     examples = [encode_text(tokenizer, text, max_length) for text in texts]
-    was_training = engine.module.training
-    engine.eval()
-    local = []
-    for indices in _my_batches(len(examples), batch_size, rank, world_size):
-        batch = collate([examples[i] for i in (indices or [0])], tokenizer.pad_token_id)
-        batch = {k: v.to(engine.device) for k, v in batch.items()}
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        if not indices:
-            continue  # the dummy batch only kept this rank in step with the others
+
+    def score_batch(batch, logits, indices):
         targets = batch["labels"][:, 1:]
+        values_by_row = []
         for row, index in enumerate(indices):
             # One row at a time in float32: a [batch, length, vocabulary] copy in a wider type
             # would be gigabytes for long texts and large vocabularies.
@@ -90,10 +96,11 @@ def text_token_logprobs(engine, tokenizer, texts: list[str], max_length: int, ba
                 - torch.logsumexp(row_logits, dim=-1)
             values = picked[targets[row] != IGNORE_INDEX].double().tolist()
             # The text's own tokens only: the eos that training appends is not part of it.
-            local.append(values if examples[index]["truncated"] else values[:-1])
-    if was_training:
-        engine.train()
-    return _gather_in_order(local, len(examples), rank, world_size)
+            values_by_row.append(values if examples[index]["truncated"] else values[:-1])
+        return values_by_row
+
+    return _score_in_step(engine, examples, tokenizer.pad_token_id, batch_size, rank, world_size,
+                          score_batch)
 
 
 @torch.no_grad()
