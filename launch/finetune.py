@@ -1,7 +1,8 @@
-"""Plain fine-tuning (answer-only next-token loss) on TOFU-schema QA data, through ZeRO-3.
+"""Plain fine-tuning through ZeRO-3 on TOFU-schema QA splits (loss on the answers) and text
+splits (loss on every token), trained on together.
 
 This is how the embedded default's models are made; use it to fine-tune your own model on
-your own QA data before unlearning:
+your own data before unlearning:
 
     deepspeed launch/finetune.py --deepspeed ds_configs/zero3.json \
         --model /models/base --data /data/tofu --splits full --steps 500 --output-dir runs/ft

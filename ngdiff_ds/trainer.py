@@ -316,7 +316,8 @@ def run_finetune(built: TrainingEngine, data: TaskData, steps: int, peak_lr: flo
 @torch.no_grad()
 def evaluate_answer_nll(built: TrainingEngine, examples: list[dict], micro_batch_size: int,
                         pad_token_id: int, rank: int, world_size: int) -> float:
-    """Mean per-example answer NLL over ``examples``, sharded over ranks.
+    """Mean per-example NLL of the training targets (the answer of a QA pair, every token of
+    a text) over ``examples``, sharded over ranks.
 
     Under ZeRO-3 every forward gathers parameters collectively, so all ranks must run the
     same number of forwards: a rank whose shard is exhausted runs a dummy batch whose result

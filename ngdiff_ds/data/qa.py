@@ -240,6 +240,7 @@ def _parse_json_lines(text: str, path: str) -> list:
 
 def _load_hub_records(name: str, config: str, required: tuple[str, ...]) -> list[dict]:
     # "config:split" names a split other than "train" (MUSE: "raw:forget", "verbmem:forget").
+    label = config
     config, _, hub_split = config.partition(":")
     try:
         import datasets  # lazy: heavy import, and only hub users need it
@@ -248,12 +249,12 @@ def _load_hub_records(name: str, config: str, required: tuple[str, ...]) -> list
         raw_records = dataset.to_list()
     except Exception as error:
         raise SplitNotFound(
-            f"data {name!r} (split {config!r}) is neither a local path nor a "
+            f"data {name!r} (split {label!r}) is neither a local path nor a "
             f"loadable dataset; hub names only work where the Hugging Face hub is reachable "
             f"(this machine may be offline): {type(error).__name__}: {_one_line(error)}"
         ) from error
-    source = f"{name} (hub config {config!r})"
-    return _validate_records(raw_records, source, config, required)
+    source = f"{name} (hub split {label!r})"
+    return _validate_records(raw_records, source, label, required)
 
 
 def _one_line(error: BaseException) -> str:
@@ -267,7 +268,7 @@ def _one_line(error: BaseException) -> str:
 
 
 def _validate_records(raw_records, source: str, split_label: str,
-                      required: tuple[str, ...] = REQUIRED_FIELDS) -> list[dict]:
+                      required: tuple[str, ...]) -> list[dict]:
     if not isinstance(raw_records, list):
         raise DataError(
             f"{source}: expected a list of records, got {type(raw_records).__name__}"

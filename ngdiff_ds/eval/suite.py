@@ -87,15 +87,17 @@ def load_eval_sets(data: str, names: SplitNames, note=print) -> dict[str, list[d
     explicitly (``verbmem``, ``forget_text``), is an error.
     """
     sets = {}
-    forget_text_default = f"{names.forget}_text"
     try:
         sets["forget"] = load_qa_split(data, names.forget)
     except MissingField as error:
         if error.field != "question":
             raise
-        load_text_split(data, names.forget)  # not QA: it must then be text, else this raises
+        # Not QA: then it must be text (else this raises), and it is the Min-K% member set
+        # unless another one is named.
+        forget_texts = load_text_split(data, names.forget)
         note(f"note: {names.forget!r} holds text, not QA pairs; no TOFU metrics")
-        forget_text_default = names.forget
+        if names.muse and names.forget_text is None:
+            sets["forget_text"] = forget_texts
     if "forget" in sets:
         sets["retain"] = load_qa_split(data, names.retain)[:names.retain_size]
     if Path(data).is_file():
@@ -106,12 +108,13 @@ def load_eval_sets(data: str, names: SplitNames, note=print) -> dict[str, list[d
         optional += [
             ("verbmem", load_verbmem_split, names.verbmem or f"{names.forget}_verbmem",
              names.verbmem is not None, "no VerbMem"),
-            ("forget_text", load_text_split, names.forget_text or forget_text_default,
+            ("forget_text", load_text_split, names.forget_text or f"{names.forget}_text",
              names.forget_text is not None, "no Min-K% AUC / PrivLeak"),
             ("holdout_text", load_text_split, names.holdout_text, False, "no Min-K% AUC / PrivLeak"),
         ]
-    if "forget" not in sets:
-        optional = [entry for entry in optional if entry[0] != "wf"]
+    # wf only goes with the TOFU sets; a forget text set already found is not looked up again
+    optional = [entry for entry in optional if entry[0] not in sets
+                and (entry[0] != "wf" or "forget" in sets)]
     for key, loader, split, explicit, consequence in optional:
         try:
             sets[key] = loader(data, split)
