@@ -33,9 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ngdiff_ds.adaptive_lr import AdaptiveLRConfig  # noqa: E402
 from ngdiff_ds.combine import COMBINE_RULES  # noqa: E402
 from ngdiff_ds.config import BatchLayout, engine_config  # noqa: E402
-from ngdiff_ds.engine import build_engine, init_distributed  # noqa: E402
-from ngdiff_ds.losses import answer_nll, gradient_ascent_loss  # noqa: E402
-from ngdiff_ds.trainer import ngdiff_step  # noqa: E402
+from ngdiff_ds.distributed import init_distributed  # noqa: E402
+from ngdiff_ds.engine import build_engine  # noqa: E402
+from ngdiff_ds.losses import FORGET_LOSSES, RETAIN_LOSSES  # noqa: E402
+from ngdiff_ds.lr_probe import probe_losses  # noqa: E402
+from ngdiff_ds.trainer import Method, ngdiff_step  # noqa: E402
+
+METHOD = Method(forget_loss=FORGET_LOSSES.bind("ga"), retain_loss=RETAIN_LOSSES.bind("nll"),
+                combine_rule=COMBINE_RULES.bind("ngdiff"))
 
 
 def parse_args():
@@ -92,10 +97,10 @@ def random_batches(args, rank, count, seed):
 def floor_step(built, forget_batches, retain_batches):
     """Stock ZeRO-3: 2K micro-batches accumulated by DeepSpeed, one optimizer step."""
     engine = built.engine
-    for loss_fn, batches in ((gradient_ascent_loss, forget_batches), (answer_nll, retain_batches)):
+    for loss_fn, batches in ((METHOD.forget_loss, forget_batches), (METHOD.retain_loss, retain_batches)):
         for batch in batches:
             logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            engine.backward(loss_fn(logits, batch["labels"]))
+            engine.backward(loss_fn(logits, batch))
             engine.step()  # a no-op except at the accumulation boundary
 
 
@@ -123,7 +128,6 @@ def main():
     ngdiff = build_engine(model_dir, ngdiff_config)
     device = ngdiff.engine.device
     forget_grad = torch.empty_like(ngdiff.partitions.flat_grad)
-    rule = COMBINE_RULES["ngdiff"]
 
     def batches(step):
         to = lambda bs: [{k: v.to(device) for k, v in b.items()} for b in bs]  # noqa: E731
@@ -134,14 +138,14 @@ def main():
 
     def gen_step(f, r, step, period, next_retain):
         fit = step % period == 0
-        ngdiff_step(ngdiff, f, r, gradient_ascent_loss, rule, 1e-5, forget_grad, step,
-                    probe_multiples=multiples if fit else None,
-                    probes=[(next_retain, answer_nll)] if fit else None)
+        ngdiff_step(ngdiff, f, r, METHOD, 1e-5, forget_grad, step, keep_step_delta=fit)
+        if fit:
+            probe_losses(ngdiff, forget_grad, multiples, [(next_retain, METHOD.retain_loss)])
 
     runs = {
         "floor": lambda f, r, step, nxt: floor_step(floor, f, r),
-        "ngdiff": lambda f, r, step, nxt: ngdiff_step(ngdiff, f, r, gradient_ascent_loss, rule, 1e-5,
-                                                      forget_grad, step),
+        "ngdiff": lambda f, r, step, nxt: ngdiff_step(ngdiff, f, r, METHOD, 1e-5, forget_grad,
+                                                      step),
         "gen_phi1": lambda f, r, step, nxt: gen_step(f, r, step, 1, nxt),
         f"gen_phi{args.period}": lambda f, r, step, nxt: gen_step(f, r, step, args.period, nxt),
     }

@@ -3,9 +3,9 @@
 After a step with rate ``lr`` moved the weights by ``delta`` (for SGD and AdamW ``delta`` is
 linear in ``lr``), the engine evaluates a probe loss ``L(s) = loss(theta_old + s * delta)`` at a
 few step multiples ``s`` (default ``-1, 0, +1``; ``L(+1)`` is the loss at the current weights;
-the trainer measures them on the next step's batch, see trainer.py). This module turns those numbers
+the loop measures them on the next step's batch, see lr_probe.py). This module turns those numbers
 into the next rate; it is pure Python plus a float64 ``torch.linalg.lstsq`` and knows nothing of
-DeepSpeed.
+DeepSpeed (``settings.option`` only declares each field's command-line flag).
 
 The fit ``L(s) ~ curvature * s**2 + slope * s + intercept`` has its minimum at
 ``s* = -slope / (2 * curvature)``: the step that would have been best is ``s*`` times the one
@@ -57,6 +57,9 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from ngdiff_ds.errors import ConfigError
+from ngdiff_ds.settings import flag_of, option
+
 PROBE_LOSSES = ("retain", "forget", "both")
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -66,75 +69,78 @@ _TINY = 1e-12
 
 @dataclass
 class AdaptiveLRConfig:
-    """Settings of the parabola-fit rate; ``validate()`` raises ValueError naming the field."""
+    """Settings of the parabola-fit rate; invalid values raise ConfigError naming the flag."""
 
-    enabled: bool = True
-    period: int = 8  # phi: fit every `period` steps (8 keeps the probe cost under ~10 %)
-    probe_loss: str = "retain"  # "retain" | "forget" | "both" (used by the engine)
-    multiples: tuple[float, ...] = (-1.0, 0.0, 1.0)
-    smoothing: float = 0.5  # beta in lr <- (1-beta)*lr + beta*clip(s* * lr)
-    clip_low: float = 0.1  # proposal clipped to [clip_low*lr, clip_high*lr]
-    clip_high: float = 10.0
-    warmup_steps: int = 0  # no fit during the first `warmup_steps` steps
+    enabled: bool = option(True, flag="--no-adaptive-lr",
+                           help="keep the learning rate fixed (times --lr-schedule)")
+    # phi: fit every `period` steps (8 keeps the probe cost under ~10 %)
+    period: int = option(8, flag="--lr-period", help="phi: fit the rate every this many steps")
+    probe_loss: str = option("retain", choices=PROBE_LOSSES,
+                             help="the loss measured along the step: retain, forget or both")
+    multiples: tuple[float, ...] = option(
+        (-1.0, 0.0, 1.0), flag="--probe-multiples",
+        help="step multiples s where the probe loss is measured (must include 0)")
+    smoothing: float = option(0.5, flag="--lr-smoothing",
+                              help="beta in lr <- (1-beta) lr + beta clip(s* lr)")
+    clip_low: float = option(0.1, flag="--lr-clip-low", help="proposal clipped to >= LOW lr")
+    clip_high: float = option(10.0, flag="--lr-clip-high", help="proposal clipped to <= HIGH lr")
+    warmup_steps: int = option(0, flag="--lr-warmup-steps", help="steps before the first fit")
     min_r2: float = 0.9  # fit-quality check, only used when len(multiples) > 3
     min_curvature_rel: float = 1e-8  # curvature must exceed this * (|L(0)| + tiny)
-    schedule: str = "constant"  # "constant" | "linear" | "cosine", multiplies the fitted rate
-    total_steps: int = 0  # needed by linear/cosine
-    min_schedule_factor: float = 0.0
+    schedule: str = option("constant", flag="--lr-schedule", choices=SCHEDULES,
+                           help="factor multiplied on the fitted rate, decaying over --max-steps")
+    total_steps: int = 0  # needed by linear/cosine: the run's --max-steps
+    min_schedule_factor: float = option(0.0, flag="--lr-min-factor",
+                                        help="final value of the linear/cosine schedule factor")
 
     def __post_init__(self) -> None:
         # Configs read from JSON/YAML give a list; keep one hashable, comparable type.
         self.multiples = tuple(float(m) for m in self.multiples)
+        self.validate()
+
+    def _refuse(self, name: str, requirement: str) -> None:
+        flag = flag_of(self, name)
+        where = name if flag == name else f"{flag} ({name})"
+        raise ConfigError(f"{where} {requirement}, got {getattr(self, name)!r}")
 
     def validate(self) -> None:
-        """Raise ValueError, naming the offending field, for any inconsistent setting."""
+        """Raise ConfigError, naming the offending field and its flag, for any bad setting."""
         if int(self.period) != self.period or self.period < 1:
-            raise ValueError(f"period must be an integer >= 1, got {self.period!r}")
+            self._refuse("period", "must be an integer >= 1")
         if self.probe_loss not in PROBE_LOSSES:
-            raise ValueError(f"probe_loss must be one of {PROBE_LOSSES}, got {self.probe_loss!r}")
+            self._refuse("probe_loss", f"must be one of {PROBE_LOSSES}")
         self._validate_multiples()
         if not 0.0 < self.smoothing <= 1.0:
-            raise ValueError(f"smoothing must be in (0, 1], got {self.smoothing!r}")
+            self._refuse("smoothing", "must be in (0, 1]")
         if not 0.0 < self.clip_low <= 1.0:
-            raise ValueError(f"clip_low must be in (0, 1], got {self.clip_low!r}")
+            self._refuse("clip_low", "must be in (0, 1]")
         if not (self.clip_high >= 1.0 and math.isfinite(self.clip_high)):
-            raise ValueError(f"clip_high must be finite and >= 1, got {self.clip_high!r}")
+            self._refuse("clip_high", "must be finite and >= 1")
         if int(self.warmup_steps) != self.warmup_steps or self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+            self._refuse("warmup_steps", "must be an integer >= 0")
         if not 0.0 <= self.min_r2 <= 1.0:
-            raise ValueError(f"min_r2 must be in [0, 1], got {self.min_r2!r}")
+            self._refuse("min_r2", "must be in [0, 1]")
         if not (self.min_curvature_rel >= 0.0 and math.isfinite(self.min_curvature_rel)):
-            raise ValueError(
-                f"min_curvature_rel must be finite and >= 0, got {self.min_curvature_rel!r}"
-            )
+            self._refuse("min_curvature_rel", "must be finite and >= 0")
         self._validate_schedule()
 
     def _validate_multiples(self) -> None:
         if not all(math.isfinite(m) for m in self.multiples):
-            raise ValueError(f"multiples must all be finite, got {self.multiples!r}")
+            self._refuse("multiples", "must all be finite")
         if len(set(self.multiples)) < 3:
-            raise ValueError(
-                "multiples needs at least 3 distinct values to fit a parabola, "
-                f"got {self.multiples!r}"
-            )
+            self._refuse("multiples", "needs at least 3 distinct values to fit a parabola")
         if 0.0 not in self.multiples:
-            raise ValueError(
-                f"multiples must contain 0 (the loss before the step), got {self.multiples!r}"
-            )
+            self._refuse("multiples", "must contain 0 (the loss before the step)")
 
     def _validate_schedule(self) -> None:
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+            self._refuse("schedule", f"must be one of {SCHEDULES}")
         if int(self.total_steps) != self.total_steps or self.total_steps < 0:
-            raise ValueError(f"total_steps must be an integer >= 0, got {self.total_steps!r}")
+            self._refuse("total_steps", "must be an integer >= 0")
         if self.schedule != "constant" and self.total_steps <= 0:
-            raise ValueError(
-                f"total_steps must be > 0 for schedule {self.schedule!r}, got {self.total_steps!r}"
-            )
+            self._refuse("total_steps", f"must be > 0 for schedule {self.schedule!r}")
         if not 0.0 <= self.min_schedule_factor <= 1.0:
-            raise ValueError(
-                f"min_schedule_factor must be in [0, 1], got {self.min_schedule_factor!r}"
-            )
+            self._refuse("min_schedule_factor", "must be in [0, 1]")
 
 
 @dataclass

@@ -9,12 +9,13 @@ gradient ``g_r``:
 
 Every two-task rule here (NGDiff and the baselines) updates along ``d = a*g_r + b*g_f``, where
 ``(a, b)`` depends only on that Gram matrix. So the distributed part is the same for all rules,
-and a rule is a small pure function ``rule(gram, **options) -> (retain_coef, forget_coef)``.
+and a rule is a small pure function ``rule(gram) -> (retain_coef, forget_coef)``, or
+``rule(gram, options)`` with an options dataclass, registered in ``COMBINE_RULES``.
 
 ``g_f`` is the gradient of the forgetting loss *to minimise* (e.g. ``-NLL`` for gradient
 ascent); the optimizer steps along ``-d``.
 
-This module imports torch only: the caller passes the all-reduce in.
+This module imports torch (and the registry) only: the caller passes the all-reduce in.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+
+from ngdiff_ds.errors import ConfigError
+from ngdiff_ds.registry import Registry
 
 AllReduce = Callable[[torch.Tensor], object]
 
@@ -185,11 +189,15 @@ def global_gram(
 # --------------------------------------------------------------------------------------------
 
 
+COMBINE_RULES = Registry("combine rule", "--combine")
+
+
 def _require_finite(gram: Gram, rule_name: str) -> None:
     if not all(math.isfinite(v) for v in (gram.forget_sq, gram.retain_sq, gram.dot)):
         raise ValueError(f"{rule_name}: Gram matrix is not finite: {gram}")
 
 
+@COMBINE_RULES.register("ngdiff")
 def ngdiff(gram: Gram) -> tuple[float, float]:
     """NGDiff: each task gradient normalised by its own global norm, ``(1/||g_r||, 1/||g_f||)``.
 
@@ -201,18 +209,33 @@ def ngdiff(gram: Gram) -> tuple[float, float]:
     return 1.0 / gram.retain_norm, 1.0 / gram.forget_norm
 
 
+@COMBINE_RULES.register("ga")
 def gradient_ascent(gram: Gram) -> tuple[float, float]:
     """Gradient ascent on the forget set only: ``(0, 1)`` (the retain gradient is unused)."""
     return 0.0, 1.0
 
 
-def gdiff(
-    gram: Gram, retain_weight: float = 1.0, forget_weight: float = 1.0
-) -> tuple[float, float]:
+@dataclass(frozen=True)
+class GDiffOptions:
+    """Fixed weights of the two task gradients (``--combine-option retain_weight=...``)."""
+
+    retain_weight: float = 1.0
+    forget_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("retain_weight", "forget_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"gdiff's {name} must be a finite number >= 0, got {value!r}")
+
+
+@COMBINE_RULES.register("gdiff", GDiffOptions)
+def gdiff(gram: Gram, options: GDiffOptions = GDiffOptions()) -> tuple[float, float]:
     """Gradient difference (linear scalarisation) with fixed weights."""
-    return float(retain_weight), float(forget_weight)
+    return float(options.retain_weight), float(options.forget_weight)
 
 
+@COMBINE_RULES.register("pcgrad")
 def pcgrad(gram: Gram) -> tuple[float, float]:
     """PCGrad for two tasks: on conflict, project each gradient onto the other's normal plane.
 
@@ -225,6 +248,7 @@ def pcgrad(gram: Gram) -> tuple[float, float]:
     return 1.0, 1.0
 
 
+@COMBINE_RULES.register("mgda")
 def mgda(gram: Gram) -> tuple[float, float]:
     """MGDA for two tasks: the min-norm point ``a*g_r + (1-a)*g_f`` of the segment between them.
 
@@ -239,17 +263,6 @@ def mgda(gram: Gram) -> tuple[float, float]:
     retain_coef = (gram.forget_sq - gram.dot) / distance_sq
     retain_coef = max(0.0, min(1.0, retain_coef))
     return retain_coef, 1.0 - retain_coef
-
-
-CombineRule = Callable[..., tuple[float, float]]
-
-COMBINE_RULES: dict[str, CombineRule] = {
-    "ngdiff": ngdiff,
-    "ga": gradient_ascent,
-    "gdiff": gdiff,
-    "pcgrad": pcgrad,
-    "mgda": mgda,
-}
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,16 +17,12 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from ngdiff_ds.adaptive_lr import AdaptiveLRConfig, AdaptiveLRState
+from ngdiff_ds.errors import ConfigError
 
 SUPPORTED_OPTIMIZERS = ("AdamW", "Adam", "SGD")
-
-
-class ConfigError(ValueError):
-    """A setting in the DeepSpeed JSON or on the command line that this run refuses."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +82,21 @@ def validate_ds_config(config: dict, source: str, world_size: int,
     ``micro_batch_size`` / ``grad_accum_steps`` are the command-line values (None when not
     given); when given they must agree with the file.
     """
+    _check_sections(config, source)
+    micro, accum = _batch_sizes(config, source, micro_batch_size, grad_accum_steps)
+    layout = BatchLayout(micro, accum, world_size)
+    file_total = _positive_int(config, "train_batch_size", source)
+    if file_total is not None and file_total != layout.global_batch_size:
+        raise ConfigError(
+            f"{source}: train_batch_size is {file_total} but train_micro_batch_size_per_gpu "
+            f"({layout.micro_batch_size}) x gradient_accumulation_steps "
+            f"({layout.micro_batches_per_step}) x world size ({world_size}) = "
+            f"{layout.global_batch_size}; fix one of them")
+    return layout
+
+
+def _check_sections(config: dict, source: str) -> None:
+    """Everything but the batch sizes: ZeRO stage, clipping, scheduler, precision, optimizer."""
     for section in ("zero_optimization", "fp16", "bf16", "optimizer", "data_types"):
         if section in config and not isinstance(config[section], dict):
             raise ConfigError(f"{source}: \"{section}\" must be a JSON object, got "
@@ -119,9 +130,12 @@ def validate_ds_config(config: dict, source: str, world_size: int,
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
         raise ConfigError(f"{source}: optimizer.params.lr must be a positive number, got {lr!r}")
 
+
+def _batch_sizes(config: dict, source: str, micro_batch_size: int | None,
+                 grad_accum_steps: int | None) -> tuple[int, int]:
+    """(micro-batch size, micro-batches per step) from the file and the command line."""
     file_micro = _positive_int(config, "train_micro_batch_size_per_gpu", source)
     file_accum = _positive_int(config, "gradient_accumulation_steps", source)
-    file_total = _positive_int(config, "train_batch_size", source)
     for name, file_value, cli_value, flag in (
             ("train_micro_batch_size_per_gpu", file_micro, micro_batch_size, "--micro-batch-size"),
             ("gradient_accumulation_steps", file_accum, grad_accum_steps, "--grad-accum-steps")):
@@ -131,14 +145,7 @@ def validate_ds_config(config: dict, source: str, world_size: int,
     micro = micro_batch_size or file_micro
     if micro is None:
         raise ConfigError(f"{source}: set train_micro_batch_size_per_gpu (or pass --micro-batch-size)")
-    layout = BatchLayout(micro, grad_accum_steps or file_accum or 1, world_size)
-    if file_total is not None and file_total != layout.global_batch_size:
-        raise ConfigError(
-            f"{source}: train_batch_size is {file_total} but train_micro_batch_size_per_gpu "
-            f"({layout.micro_batch_size}) x gradient_accumulation_steps "
-            f"({layout.micro_batches_per_step}) x world size ({world_size}) = "
-            f"{layout.global_batch_size}; fix one of them")
-    return layout
+    return micro, grad_accum_steps or file_accum or 1
 
 
 def bf16_supported() -> bool:
@@ -179,16 +186,11 @@ def uses_bf16(derived: dict) -> bool:
     return bool(derived.get("bf16", {}).get("enabled", False))
 
 
-@dataclass
-class UnlearnSettings:
-    """The knobs of an unlearning run that are not DeepSpeed's (set from the command line)."""
-
-    max_steps: int = 40
-    lr: float | None = None            # None: optimizer.params.lr from the DeepSpeed JSON
-    combine: str = "ngdiff"            # a key of ngdiff_ds.combine.COMBINE_RULES
-    forget_loss: str = "ga"            # a key of ngdiff_ds.losses.FORGET_LOSSES
-    seed: int = 0
-    log_every: int = 1
-    max_consecutive_skips: int = 10    # abort instead of burning GPU hours on a NaN model
-    adaptive: AdaptiveLRConfig = field(default_factory=AdaptiveLRConfig)  # GeN rate (on by default)
-    lr_state: AdaptiveLRState | None = None  # resumed rate state; None starts from `lr`
+def inference_config(derived: dict) -> dict:
+    """An ``engine_config`` result for a frozen model: without an optimizer section DeepSpeed
+    builds ZeRO-3's parameter partitioning only (no optimizer state, no gradient buffer)."""
+    config = copy.deepcopy(derived)
+    for key in ("optimizer", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer"):
+        config.pop(key, None)
+    config.get("zero_optimization", {}).pop("offload_optimizer", None)
+    return config

@@ -1,4 +1,8 @@
-"""Build the model, tokenizer and DeepSpeed ZeRO-3 engine; save the result as an HF directory.
+"""Build the model, tokenizer and DeepSpeed ZeRO-3 engines; save the result as an HF directory.
+
+Two kinds of engine: a training engine (optimizer, gradient partition: the model being
+unlearned or fine-tuned) and an inference-only one (sharded weights and nothing else: the
+retain-only reference, a saved model under evaluation).
 
 Loading goes through ``HfDeepSpeedConfig`` so that ``from_pretrained`` creates the model inside
 ``deepspeed.zero.Init``: each rank materialises only its own slice of every weight, never a
@@ -11,51 +15,14 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from ngdiff_ds.config import uses_bf16
-from ngdiff_ds.zero3 import ZeroPartitions, check_deepspeed_version, consolidated_state_dict
-
-
-class ModelError(ValueError):
-    """The model named on the command line cannot be loaded."""
-
-
-def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
-    """Join the process group the launcher set up; return (rank, world size).
-
-    The timeout bounds how long a collective may wait for a dead or stuck peer before the
-    whole job fails, instead of hanging until the cluster's wall-clock limit.
-    """
-    import deepspeed
-
-    check_deepspeed_version()
-    deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes), verbose=False)
-    _share_cpu_threads()
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _share_cpu_threads() -> None:
-    """On CPU, give each local rank its share of the cores unless OMP_NUM_THREADS says otherwise.
-
-    torch defaults every process to all cores, so N ranks on one host oversubscribe them N
-    times; on 2 cores with 2 ranks that cost about 25 % of the step time here.
-    """
-    from deepspeed.accelerator import get_accelerator
-
-    if get_accelerator().device_name() != "cpu" or "OMP_NUM_THREADS" in os.environ:
-        return
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+from ngdiff_ds.config import inference_config, uses_bf16
+from ngdiff_ds.distributed import barrier, is_main_process
+from ngdiff_ds.errors import ModelError
+from ngdiff_ds.zero3 import ZeroPartitions, consolidated_state_dict
 
 
 def resolve_model(model: str) -> str:
@@ -106,10 +73,13 @@ class TrainingEngine:
     def model(self):
         return self.engine.module
 
+    @property
+    def device(self):
+        return self.engine.device
 
-def build_engine(model: str, ds_config: dict) -> TrainingEngine:
-    """Load ``model`` straight into ZeRO-3 partitions and wrap it in a DeepSpeed engine."""
-    import deepspeed
+
+def _load_sharded(model: str, ds_config: dict):
+    """``from_pretrained`` straight into ZeRO-3 partitions; returns (module, hf_ds_config)."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -119,10 +89,39 @@ def build_engine(model: str, ds_config: dict) -> TrainingEngine:
         module = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
     except Exception as err:
         raise ModelError(_load_failure(model, "model", err)) from None
+    return module, hf_ds_config
+
+
+def build_engine(model: str, ds_config: dict) -> TrainingEngine:
+    """Load ``model`` straight into ZeRO-3 partitions and wrap it in a DeepSpeed engine."""
+    import deepspeed
+
+    module, hf_ds_config = _load_sharded(model, ds_config)
     module.train()  # from_pretrained returns eval mode
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
                                            config=ds_config)
     return TrainingEngine(engine=engine, partitions=ZeroPartitions(engine), hf_ds_config=hf_ds_config)
+
+
+@dataclass
+class InferenceEngine:
+    """A frozen ZeRO-3 model for scoring and generation: sharded weights, no optimizer state,
+    no gradient buffer (DeepSpeed builds its parameter-offload wrapper, not an optimizer)."""
+
+    engine: object
+    hf_ds_config: object  # kept referenced, as in TrainingEngine
+
+
+def build_inference_engine(model: str, ds_config: dict) -> InferenceEngine:
+    """``model`` sharded over the ranks for forward passes only."""
+    import deepspeed
+
+    config = inference_config(ds_config)
+    module, hf_ds_config = _load_sharded(model, config)
+    module.eval()
+    module.requires_grad_(False)
+    engine, _, _, _ = deepspeed.initialize(model=module, config=config)
+    return InferenceEngine(engine=engine, hf_ds_config=hf_ds_config)
 
 
 def set_learning_rate(engine, lr: float) -> None:
@@ -139,7 +138,7 @@ def save_hf_model(built: TrainingEngine, tokenizer, out_dir: str | Path) -> None
     """
     out_dir = Path(out_dir)
     state_dict = consolidated_state_dict(built.engine)
-    if dist.get_rank() == 0:
+    if is_main_process():
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
         built.model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)

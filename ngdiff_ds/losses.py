@@ -1,18 +1,27 @@
-"""Causal-LM losses with -100 masking, and the forgetting losses (each a loss to minimise).
+"""Causal-LM losses with -100 masking, and the registered forgetting and retaining losses
+(each a loss to minimise).
 
 Conventions (as in Hugging Face): ``logits[:, t]`` predicts ``labels[:, t + 1]``; the shift
-happens inside these functions. Labels are -100 at positions that do not count (question
-tokens, padding).
+happens inside these functions. Labels are ``IGNORE_INDEX`` at positions that do not count
+(question tokens, padding).
+
+A registered loss is ``fn(logits, batch)`` or, with options, ``fn(logits, batch, options)``:
+``batch`` is the collated micro-batch (``input_ids``, ``attention_mask``, ``labels``, and any
+extra field a method adds, such as reference log-probabilities). See ``registry.py``.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
+from ngdiff_ds.registry import Registry
+
+# Label value ignored by torch's cross-entropy (and by HF causal-LM losses).
 IGNORE_INDEX = -100
+
+FORGET_LOSSES = Registry("forgetting loss", "--forget-loss")
+RETAIN_LOSSES = Registry("retaining loss", "--retain-loss")
 
 
 def _check_shapes(logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -87,11 +96,13 @@ def answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return per_example_nll(logits, labels).mean()
 
 
-def gradient_ascent_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Gradient-ascent forgetting loss to minimise: ``-answer_nll`` on the forget batch."""
-    return -answer_nll(logits, labels)
+@FORGET_LOSSES.register("ga")
+def gradient_ascent_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Gradient ascent: minimise ``-answer_nll`` of the forget batch."""
+    return -answer_nll(logits, batch["labels"])
 
 
-ForgetLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-FORGET_LOSSES: dict[str, ForgetLoss] = {"ga": gradient_ascent_loss}
+@RETAIN_LOSSES.register("nll")
+def retain_nll_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Keep the retain answers likely: ``answer_nll`` of the retain batch."""
+    return answer_nll(logits, batch["labels"])

@@ -21,8 +21,10 @@ class RunLog:
     opened at the first record, so a run refused at start-up leaves no output directory.
     """
 
-    def __init__(self, out_dir: str | Path, rank: int, tensorboard: bool = True):
-        self.enabled = rank == 0
+    def __init__(self, out_dir: str | Path, tensorboard: bool = True):
+        from ngdiff_ds.distributed import is_main_process
+
+        self.enabled = is_main_process()
         self.out_dir = Path(out_dir)
         self.tensorboard = tensorboard
         self._jsonl = None

@@ -6,7 +6,7 @@ on is named in the comment where it is used; they are checked once at start-up b
 ``ZeroPartitions.__init__`` so that an untested DeepSpeed version fails with a clear message
 instead of a silent wrong answer.
 
-Facts this module relies on (checked with deepspeed 0.19.x, see ``shared/design.md``):
+Facts this module relies on (checked with deepspeed 0.19.x, see docs/design.md):
 
 * After a backward, this rank's averaged gradient slice of every trainable parameter sits in
   ONE flat tensor, ``optimizer.grad_partitions_flat_buffer``. Split by
@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ngdiff_ds.errors import UnsupportedDeepSpeed
+
 # The range of DeepSpeed versions whose stage-3 internals this module was checked against.
 TESTED_DEEPSPEED_MIN = (0, 19, 0)
 TESTED_DEEPSPEED_BELOW = (0, 20, 0)
@@ -40,10 +42,6 @@ _REQUIRED_OPTIMIZER_ATTRIBUTES = (
     "_partition_all_parameters",           # releases gathered weights back to partitions
     "persistent_parameters",               # small params kept gathered; re-gathered after edits
 )
-
-
-class UnsupportedDeepSpeed(RuntimeError):
-    """DeepSpeed version or configuration that this engine was not checked against."""
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:

@@ -49,8 +49,8 @@ def tiny_assets(tmp_path_factory):
     """{'data': dir, 'model': dir} — 10 fictitious authors and a 2-layer Llama (fp32)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ngdiff_ds.data.synthetic import benchmark_texts, generate_benchmark
-    from ngdiff_ds.data.tokenizer import train_tokenizer
+    from ngdiff_ds.default.synthetic import benchmark_texts, generate_benchmark
+    from ngdiff_ds.default.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("tiny")
     generate_benchmark(root / "data", seed=1, num_authors=10)

@@ -19,14 +19,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ngdiff_ds.adaptive_lr import AdaptiveLRConfig  # noqa: E402
 from ngdiff_ds.combine import COMBINE_RULES  # noqa: E402
-from ngdiff_ds.config import BatchLayout, UnlearnSettings, engine_config  # noqa: E402
-from ngdiff_ds.losses import gradient_ascent_loss  # noqa: E402
-from ngdiff_ds.trainer import ngdiff_step  # noqa: E402
-from ngdiff_ds.cli import load_task  # noqa: E402
-from ngdiff_ds.engine import build_engine, init_distributed, load_tokenizer  # noqa: E402
+from ngdiff_ds.config import BatchLayout, engine_config  # noqa: E402
+from ngdiff_ds.data.task import load_task  # noqa: E402
+from ngdiff_ds.distributed import init_distributed  # noqa: E402
+from ngdiff_ds.engine import build_engine, load_tokenizer  # noqa: E402
+from ngdiff_ds.losses import FORGET_LOSSES, RETAIN_LOSSES, gradient_ascent_loss  # noqa: E402
+from ngdiff_ds.lr_probe import AdaptiveRate  # noqa: E402
 from ngdiff_ds.run_log import RunLog  # noqa: E402
-from ngdiff_ds.trainer import run_unlearning  # noqa: E402
+from ngdiff_ds.trainer import Method, ngdiff_step, run_unlearning  # noqa: E402
 from ngdiff_ds.zero3 import consolidated_state_dict  # noqa: E402
+
+NGDIFF = Method(forget_loss=FORGET_LOSSES.bind("ga"), retain_loss=RETAIN_LOSSES.bind("nll"),
+                combine_rule=COMBINE_RULES.bind("ngdiff"))
+
+
+class RecordingRate(AdaptiveRate):
+    """The production adaptive rate, keeping each fit's probe losses for the test."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.probe_losses = {}
+
+    def probe_and_fit(self, built, step, step_delta):
+        fit = super().probe_and_fit(built, step, step_delta)
+        self.probe_losses[step] = fit.losses
+        return fit
 
 
 def main():
@@ -40,7 +57,7 @@ def main():
     rank, world_size = init_distributed(timeout_minutes=5)
     out = Path(args.out)
     tokenizer = load_tokenizer(args.model)
-    log = RunLog(out / "log", rank, tensorboard=False)
+    log = RunLog(out / "log", tensorboard=False)
     for scenario in json.loads(Path(args.scenarios).read_text()):
         layout = BatchLayout(scenario["micro"], scenario["accum"], world_size)
         ds_config = engine_config({
@@ -50,8 +67,8 @@ def main():
             "bf16": {"enabled": scenario.get("bf16", False)},
             "data_types": {"grad_accum_dtype": "fp32"},
         }, layout)
-        forget = load_task("forget", args.data, "forget10", tokenizer, 64, layout, seed=3, log=log)
-        retain = load_task("retain", args.data, "retain90", tokenizer, 64, layout, seed=4, log=log)
+        forget = load_task("forget", args.data, "forget10", tokenizer, 64, layout, seed=3)
+        retain = load_task("retain", args.data, "retain90", tokenizer, 64, layout, seed=4)
         if scenario.get("kind") == "finetune":
             finetune(args.model, ds_config, args.data, tokenizer, layout, scenario, out, rank, log)
             continue
@@ -60,18 +77,20 @@ def main():
             continue
         if scenario.get("kind") == "eval":
             eval_scores(args.model, ds_config, args.data, tokenizer, out / scenario["name"], rank,
-                        world_size, scenario["num_examples"])
+                        scenario["num_examples"])
             continue
         if scenario.get("kind") == "nan_skip":
             nan_skip(args.model, ds_config, forget, retain, out / scenario["name"], rank)
             continue
         adaptive = AdaptiveLRConfig(**scenario["adaptive"]) if "adaptive" in scenario else \
             AdaptiveLRConfig(enabled=False)
+        method = Method(NGDIFF.forget_loss, NGDIFF.retain_loss,
+                        COMBINE_RULES.bind(scenario.get("combine", "ngdiff")))
         for steps in scenario["save_after"]:
             built = build_engine(args.model, ds_config)
-            settings = UnlearnSettings(max_steps=steps, combine=scenario.get("combine", "ngdiff"),
-                                       adaptive=adaptive)
-            history = run_unlearning(built, forget, retain, settings, log, rank)
+            rate = RecordingRate(adaptive, built.engine.optimizer.param_groups[0]["lr"], forget,
+                                 retain, method, log)
+            history = run_unlearning(built, forget, retain, method, rate, steps, log)
             name = f"{scenario['name']}_step{steps}"
             if scenario.get("replay_without_probes"):
                 # The same steps again on a fresh engine at the rates the probed run used.
@@ -80,8 +99,7 @@ def main():
                 for stats in history:
                     ngdiff_step(replay, forget.micro_batches(stats.step, rank, replay.engine.device),
                                 retain.micro_batches(stats.step, rank, replay.engine.device),
-                                gradient_ascent_loss, COMBINE_RULES["ngdiff"], stats.lr, buffer,
-                                stats.step)
+                                NGDIFF, stats.lr, buffer, stats.step)
                 for label, engine in (("probed", built.engine), ("replay", replay.engine)):
                     torch.save(optimizer_state(engine), out / f"{name}_{label}_rank{rank}.pt")
                 del replay
@@ -89,7 +107,7 @@ def main():
             if rank == 0:
                 torch.save({k: v.clone() for k, v in state.items()}, out / f"{name}.pt")
                 (out / f"{name}.json").write_text(json.dumps(
-                    [dict(s.as_dict(), probe_losses=s.probe_losses) for s in history]))
+                    [dict(s.as_dict(), probe_losses=rate.probe_losses.get(s.step)) for s in history]))
             del built
     log.close()
 
@@ -103,24 +121,23 @@ def optimizer_state(engine) -> dict:
     return state
 
 
-def eval_scores(model, ds_config, data, tokenizer, out: Path, rank, world_size, num_examples):
+def eval_scores(model, ds_config, data, tokenizer, out: Path, rank, num_examples):
     """Per-example answer log-probs and greedy generations on the first examples of forget10."""
-    from ngdiff_ds.data.qa import load_qa_split, load_text_split
+    from ngdiff_ds.data.records import load_qa_split, load_text_split
+    from ngdiff_ds.engine import build_inference_engine
     from ngdiff_ds.eval.runner import (answer_logprobs, greedy_answers, greedy_continuations,
                                        text_token_logprobs)
 
     records = load_qa_split(data, "forget10")[:num_examples]
-    built = build_engine(model, ds_config)
+    built = build_inference_engine(model, ds_config)  # as the retain-only model is built
     scores = answer_logprobs(built.engine, tokenizer, [(r["question"], r["answer"]) for r in records],
-                             64, 2, rank, world_size)
-    generations = greedy_answers(built.engine, tokenizer, [r["question"] for r in records], 8, 2,
-                                 rank, world_size)
+                             64, 2)
+    generations = greedy_answers(built.engine, tokenizer, [r["question"] for r in records], 8, 2)
     # MUSE side: per-token log-probs of passages and greedy continuations of their first sentence
     passages = [r["text"] for r in load_text_split(data, "full_text")][:num_examples]
-    token_logprobs = text_token_logprobs(built.engine, tokenizer, passages, 512, 2, rank, world_size)
+    token_logprobs = text_token_logprobs(built.engine, tokenizer, passages, 512, 2)
     continuations = greedy_continuations(built.engine, tokenizer,
-                                         [p.split(". ")[0] + "." for p in passages], 8, 2, rank,
-                                         world_size)
+                                         [p.split(". ")[0] + "." for p in passages], 8, 2)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "scores.json").write_text(json.dumps({
@@ -134,9 +151,9 @@ def finetune(model, ds_config, data, tokenizer, layout, scenario, out: Path, ran
     from ngdiff_ds.trainer import run_finetune
 
     task = load_task("finetune", data, FINETUNE_SPLITS, tokenizer, FINETUNE_MAX_LENGTH, layout,
-                     seed=5, log=log)
+                     seed=5)
     built = build_engine(model, ds_config)
-    run_finetune(built, task, scenario["steps"], scenario["optimizer"]["params"]["lr"], log, rank,
+    run_finetune(built, task, scenario["steps"], scenario["optimizer"]["params"]["lr"], log,
                  warmup_steps=FINETUNE_WARMUP)
     state = consolidated_state_dict(built.engine)
     if rank == 0:
@@ -156,17 +173,18 @@ def nan_skip(model, ds_config, forget, retain, out: Path, rank: int) -> None:
     buffer = torch.empty_like(built.partitions.flat_grad)
     device = built.engine.device
 
-    def poisoned_loss(logits, labels):
-        loss = gradient_ascent_loss(logits, labels)
+    def poisoned_loss(logits, batch):
+        loss = gradient_ascent_loss(logits, batch)
         return loss * float("nan") if rank == 1 else loss
 
+    poisoned = Method(poisoned_loss, NGDIFF.retain_loss, NGDIFF.combine_rule)
     stats = ngdiff_step(built, forget.micro_batches(0, rank, device), retain.micro_batches(0, rank, device),
-                        poisoned_loss, COMBINE_RULES["ngdiff"], 1e-3, buffer, 0)
+                        poisoned, 1e-3, buffer, 0)
     unchanged = all(torch.equal(a, b) for a, b in zip(before, built.partitions.master_weights))
     finite = all(bool(torch.isfinite(w).all()) for w in built.partitions.master_weights)
     # and the engine still trains normally afterwards
     after = ngdiff_step(built, forget.micro_batches(1, rank, device), retain.micro_batches(1, rank, device),
-                        gradient_ascent_loss, COMBINE_RULES["ngdiff"], 1e-3, buffer, 1)
+                        NGDIFF, 1e-3, buffer, 1)
     moved = not all(torch.equal(a, b) for a, b in zip(before, built.partitions.master_weights))
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank}.json").write_text(json.dumps({
@@ -181,7 +199,7 @@ def probe_restore(model, ds_config, forget, retain, out: Path, rank: int) -> Non
     buffer = torch.empty_like(partitions.flat_grad)
     device = built.engine.device
     ngdiff_step(built, forget.micro_batches(0, rank, device), retain.micro_batches(0, rank, device),
-                gradient_ascent_loss, COMBINE_RULES["ngdiff"], 1e-3, buffer, 0)
+                NGDIFF, 1e-3, buffer, 0)
     batch = retain.micro_batches(1, rank, device)[0]
 
     def loss() -> float:

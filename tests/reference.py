@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ngdiff_ds.data.qa import StepBatches, encode_split, load_qa_split
+from ngdiff_ds.data.batching import StepBatches
+from ngdiff_ds.data.encoding import encode_split
+from ngdiff_ds.data.records import load_qa_split
 
 
 def _example_nll(model, example) -> torch.Tensor:
@@ -137,7 +139,7 @@ def reference_finetune(model_dir: str, data_dir: str, splits: str, max_length: i
     global batch, the rate warmed up linearly then cosine-decayed to 10 % (as run_finetune)."""
     import math
 
-    from ngdiff_ds.data.qa import load_training_records
+    from ngdiff_ds.data.records import load_training_records
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from ngdiff_ds.errors import ConfigError
 from ngdiff_ds.adaptive_lr import (
     AdaptiveLRConfig,
     AdaptiveLRState,
@@ -269,7 +270,7 @@ def test_is_fit_step_period_and_warmup():
     ],
 )
 def test_config_validation_names_the_field(field, overrides):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ConfigError, match=field):
         AdaptiveLRConfig(**overrides).validate()
 
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from ngdiff_ds.registry import parse_option_strings
 from ngdiff_ds.combine import (
     COMBINE_RULES,
     Gram,
@@ -277,13 +278,10 @@ def assert_direction_close(direction: torch.Tensor, expected: torch.Tensor, rtol
 
 
 def test_combine_rules_registry():
-    assert COMBINE_RULES == {
-        "ngdiff": ngdiff,
-        "ga": gradient_ascent,
-        "gdiff": gdiff,
-        "pcgrad": pcgrad,
-        "mgda": mgda,
-    }
+    assert COMBINE_RULES.names() == ["ga", "gdiff", "mgda", "ngdiff", "pcgrad"]
+    for name, rule in (("ngdiff", ngdiff), ("ga", gradient_ascent), ("pcgrad", pcgrad),
+                       ("mgda", mgda)):
+        assert COMBINE_RULES.bind(name) is rule  # no options: the function itself
 
 
 def test_ngdiff_direction_over_shards_matches_float64():
@@ -322,7 +320,9 @@ def test_gdiff_fixed_weights():
     retain, forget = random_pair(1000, seed=12)
     gram = global_gram(forget, retain)
     assert gdiff(gram) == (1.0, 1.0)
-    assert COMBINE_RULES["gdiff"](gram, retain_weight=0.7, forget_weight=2.5) == (0.7, 2.5)
+    options = parse_option_strings(COMBINE_RULES, "gdiff", ["retain_weight=0.7", "forget_weight=2.5"],
+                                   "--combine-option")
+    assert COMBINE_RULES.bind("gdiff", options)(gram) == (0.7, 2.5)
     direction = direction_over_shards(retain, forget, [300, 700], 0.7, 2.5)
     assert_direction_close(direction, 0.7 * retain.double() + 2.5 * forget.double())
 

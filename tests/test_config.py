@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from ngdiff_ds.config import BatchLayout, ConfigError, engine_config, read_json, validate_ds_config
+from ngdiff_ds.config import BatchLayout, engine_config, read_json, validate_ds_config
+from ngdiff_ds.errors import ConfigError
 
 
 def good_config(**overrides):

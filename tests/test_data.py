@@ -1,4 +1,5 @@
-"""Tests for ngdiff_ds.data.qa: loading, validation, encoding, collation, batching."""
+"""Tests for ngdiff_ds.data: loading and validation (records), encoding, collation and batching,
+and the per-step task batches (task)."""
 
 from __future__ import annotations
 
@@ -17,19 +18,10 @@ from tokenizers.pre_tokenizers import Whitespace
 from tokenizers.trainers import WordLevelTrainer
 from transformers import PreTrainedTokenizerFast
 
-from ngdiff_ds.data.qa import (
-    DataError,
-    StepBatches,
-    collate,
-    encode_qa,
-    encode_split,
-    encode_text,
-    format_prompt,
-    load_qa_split,
-    load_text_split,
-    load_verbmem_split,
-    length_cut,
-)
+from ngdiff_ds.data.batching import StepBatches, collate, length_cut
+from ngdiff_ds.data.encoding import encode_qa, encode_split, encode_text, format_prompt
+from ngdiff_ds.data.records import load_qa_split, load_text_split, load_verbmem_split
+from ngdiff_ds.errors import DataError
 
 RECORDS = [
     {
@@ -518,7 +510,7 @@ def test_length_cut_is_the_cheapest_two_way_cut_worth_a_forward(lengths):
 def test_length_grouped_batches_run_the_same_forwards_on_every_rank():
     """Under ZeRO-3 every forward is collective: the pieces per step must agree across ranks
     even when one rank's rows are all short (it then runs a zero-weight piece)."""
-    from ngdiff_ds.trainer import TaskData
+    from ngdiff_ds.data.task import TaskData
 
     lengths = [12, 13, 12, 110, 14, 12, 13, 105, 12, 12, 12, 12]
     examples = [{"input_ids": [5] * n, "labels": [5] * n} for n in lengths]

@@ -19,6 +19,8 @@ import torch
 from tests.conftest import run_deepspeed
 from tests.reference import reference_run
 
+pytestmark = pytest.mark.slow  # multi-rank DeepSpeed launches
+
 SGD = {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}}
 # eps 1e-6, not 1e-8: AdamW's first step moves each weight by lr * g / (|g| + eps), so a
 # gradient element that is a near-cancelling float32 sum (|g| ~ 1e-9) turns summation-order
@@ -217,7 +219,8 @@ def test_evaluation_does_not_depend_on_rank_count(one_rank_results, two_rank_res
     # independent reference: per-example forward of the unpartitioned model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ngdiff_ds.data.qa import encode_qa, load_qa_split
+    from ngdiff_ds.data.encoding import encode_qa
+    from ngdiff_ds.data.records import load_qa_split
     from tests.reference import _example_nll
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_assets["model"])
@@ -236,7 +239,7 @@ def test_muse_text_scoring_does_not_depend_on_rank_count(one_rank_results, two_r
     2 ranks (7 not divisible, batch 2) equal 1 rank and an unpartitioned float64 forward."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ngdiff_ds.data.qa import load_text_split
+    from ngdiff_ds.data.records import load_text_split
     from tests.test_muse_eval import reference_token_logprobs
 
     one = json.loads((one_rank_results / "eval" / "scores.json").read_text())

@@ -14,9 +14,11 @@ import subprocess
 import pytest
 import torch
 
-from ngdiff_ds.default_assets import VERSION
+from ngdiff_ds.default.assets import VERSION
 from tests.conftest import DEEPSPEED, REPO, cpu_env, free_port
 from tests.reference import _example_nll
+
+pytestmark = pytest.mark.slow  # multi-rank DeepSpeed launches
 
 STEPS = 40
 # The forget answers must become clearly less likely, the retain answers must not.
@@ -36,7 +38,8 @@ def readme_main_command() -> list[str]:
 def mean_nll(model_dir, data_dir, split) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ngdiff_ds.data.qa import encode_split, load_training_records
+    from ngdiff_ds.data.encoding import encode_split
+    from ngdiff_ds.data.records import load_training_records
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -187,7 +190,8 @@ def test_final_scores_follow_from_the_saved_per_example_values(main_run):
 def test_reference_against_itself_gives_forget_quality_one_and_privleak_zero(main_run):
     """The retain-only model's own saved results, read back as the reference, give exactly 1
     (forget quality) and 0 (PrivLeak), and carry its reported AUC."""
-    from ngdiff_ds.eval.metrics import forget_quality, privleak
+    from ngdiff_ds.eval.metrics import forget_quality
+    from ngdiff_ds.eval.text_metrics import privleak
     from ngdiff_ds.eval.suite import Reference
 
     root, _ = main_run

@@ -8,10 +8,10 @@ import math
 
 import pytest
 
-from ngdiff_ds.config import ConfigError
-from ngdiff_ds.cli import tofu_retain_split
-from ngdiff_ds.data.qa import DataError, SplitNotFound, load_training_records
+from ngdiff_ds.data.records import load_training_records
+from ngdiff_ds.errors import ConfigError, DataError, SplitNotFound
 from ngdiff_ds.eval.suite import Reference, SplitNames, load_eval_sets
+from ngdiff_ds.unlearn import tofu_retain_split
 
 QA = [{"question": f"q{i}?", "answer": f"a{i}."} for i in range(3)]
 TEXT = [{"text": f"passage {i}."} for i in range(2)]
@@ -124,13 +124,13 @@ def test_reference_from_tofu_muse_and_mixed_files(tmp_path):
     ([1, 2], "JSON object"),
 ])
 def test_reference_files_that_are_not_results_are_refused(tmp_path, payload, needle):
-    with pytest.raises(ValueError, match=needle):
+    with pytest.raises(DataError, match=needle):
         Reference.from_file(results_file(tmp_path, payload))
 
 
 def test_reference_file_that_cannot_be_read(tmp_path):
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(DataError, match="cannot read"):
         Reference.from_file(tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text("{")
-    with pytest.raises(ValueError, match="not valid JSON"):
+    with pytest.raises(DataError, match="not valid JSON"):
         Reference.from_file(tmp_path / "bad.json")

@@ -9,6 +9,7 @@ import torch
 
 from ngdiff_ds.losses import (
     FORGET_LOSSES,
+    RETAIN_LOSSES,
     IGNORE_INDEX,
     answer_nll,
     gradient_ascent_loss,
@@ -121,8 +122,10 @@ def test_micro_batches_average_to_whole_batch_loss_and_gradient():
 def test_gradient_ascent_loss_is_negative_answer_nll():
     labels = qa_labels([1, 2], [4, 3], seq_len=7, seed=4)
     logits = random_logits(2, 7, seed=4)
-    assert float(gradient_ascent_loss(logits, labels)) == -float(answer_nll(logits, labels))
-    assert FORGET_LOSSES == {"ga": gradient_ascent_loss}
+    batch = {"labels": labels}
+    assert float(gradient_ascent_loss(logits, batch)) == -float(answer_nll(logits, labels))
+    assert FORGET_LOSSES.bind("ga") is gradient_ascent_loss
+    assert float(RETAIN_LOSSES.bind("nll")(logits, batch)) == float(answer_nll(logits, labels))
 
 
 def test_all_masked_example_gives_zero_and_finite_gradient():
@@ -182,8 +185,8 @@ def test_length_grouped_batches_give_the_whole_batch_loss_and_gradient(micro_bat
     loss and gradient of the whole batch collated in one piece (float64 model)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ngdiff_ds.data.qa import StepBatches
-    from ngdiff_ds.trainer import TaskData
+    from ngdiff_ds.data.batching import StepBatches
+    from ngdiff_ds.data.task import TaskData
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB + 3, hidden_size=16, intermediate_size=32,

@@ -13,22 +13,22 @@ from rouge_score import rouge_scorer
 from scipy.stats import hmean, ks_2samp
 
 from ngdiff_ds.eval.metrics import (
-    MetricResult,
     aggregate_truth_ratios,
     answer_probability,
-    auc,
     forget_quality,
+    model_utility,
+    normalised_probability,
+    rouge_l_recall,
+    truth_ratio,
+    truth_ratios,
+)
+from ngdiff_ds.eval.results import MetricResult, summary, to_results
+from ngdiff_ds.eval.text_metrics import (
+    auc,
     knowledge_memorisation,
     min_k_percent_score,
     min_k_percent_scores,
-    model_utility,
-    normalised_probability,
     privleak,
-    rouge_l_recall,
-    summary,
-    to_results,
-    truth_ratio,
-    truth_ratios,
     verbatim_memorisation,
 )
 

@@ -1,7 +1,7 @@
 """MUSE text evaluation in one process against independent computations.
 
 The runner only needs ``engine(...)``, ``engine.module``, ``engine.eval/train`` and
-``engine.device``; a one-rank job never calls a collective. So a thin wrapper over the plain
+``engine.device``; without a process group it is rank 0 of 1 and calls no collective. So a thin wrapper over the plain
 HF model runs the real code, and each value is checked against an unbatched, unpadded float64
 computation written here (2 ranks against 1 rank is in test_distributed.py).
 """
@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from ngdiff_ds.data.qa import load_text_split, load_verbmem_split
+from ngdiff_ds.data.records import load_text_split, load_verbmem_split
 from ngdiff_ds.eval.muse import evaluate_muse
 from ngdiff_ds.eval.runner import greedy_continuations, text_token_logprobs
 
@@ -76,7 +76,7 @@ def test_text_token_logprobs_match_unbatched_float64(tiny_assets, model_and_toke
     # batch 3: padded batches with long and short texts together; max_length 128 (the model's
     # positions) cuts the passages, which are then scored up to the cut, and leaves the short
     # texts whole, whose appended eos is then not scored
-    scored = text_token_logprobs(PlainEngine(model), tokenizer, sample, 128, 3, 0, 1)
+    scored = text_token_logprobs(PlainEngine(model), tokenizer, sample, 128, 3)
     assert len(scored) == len(sample)
     for text, values in zip(sample, scored):
         expected = reference_token_logprobs(model, tokenizer, text)
@@ -90,7 +90,7 @@ def test_text_token_logprobs_match_unbatched_float64(tiny_assets, model_and_toke
 def test_greedy_continuations_match_token_by_token_decoding(tiny_assets, model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     prompts = [t.split(". ")[0] + "." for t in texts(tiny_assets, 5)] + ["In"]
-    generated = greedy_continuations(PlainEngine(model), tokenizer, prompts, 12, 4, 0, 1)
+    generated = greedy_continuations(PlainEngine(model), tokenizer, prompts, 12, 4)
     expected = [reference_continuation(model, tokenizer, p, 12) for p in prompts]
     assert generated == expected
 
@@ -111,7 +111,7 @@ def test_evaluate_muse_against_hand_computed_values(tiny_assets, model_and_token
     reference_auc = 0.3
     results = evaluate_muse(PlainEngine(model), tokenizer,
                             {"verbmem": verbmem, "forget_text": forget, "holdout_text": holdout},
-                            0, 1, reference_auc=reference_auc, max_length=512, batch_size=2,
+                            reference_auc=reference_auc, max_length=512, batch_size=2,
                             verbmem_max_new_tokens=16)
 
     member = [_min_k(reference_token_logprobs(model, tokenizer, r["text"])) for r in forget]
@@ -135,7 +135,7 @@ def test_evaluate_muse_without_reference_has_no_privleak(tiny_assets, model_and_
     model, tokenizer = model_and_tokenizer
     forget = [{"text": t} for t in texts(tiny_assets, 2)]
     results = evaluate_muse(PlainEngine(model), tokenizer,
-                            {"forget_text": forget, "holdout_text": forget[:1]}, 0, 1, max_length=512,
+                            {"forget_text": forget, "holdout_text": forget[:1]}, max_length=512,
                             batch_size=1)
     assert set(results) == {"forget_text_min_k", "holdout_text_min_k", "mia_min_k"}
     # the first forget text is also the only holdout text (scored alike at batch size 1):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from ngdiff_ds.data.synthetic import (
+from ngdiff_ds.default.synthetic import (
     FORGET_FRACTIONS,
     RETAIN_OF_FORGET,
     benchmark_texts,
@@ -209,7 +209,7 @@ def test_verbmem_prompt_and_continuation_rebuild_the_forget_passage(bench_dir):
 
 @pytest.fixture(scope="module")
 def trained_tokenizer(bench_dir, tmp_path_factory):
-    from ngdiff_ds.data.tokenizer import train_tokenizer
+    from ngdiff_ds.default.tokenizer import train_tokenizer
 
     out_dir = tmp_path_factory.mktemp("tok")
     tokenizer = train_tokenizer(benchmark_texts(bench_dir), out_dir, vocab_size=2000)
@@ -260,7 +260,7 @@ def test_tokenizer_reloads_offline(trained_tokenizer, monkeypatch):
 
 
 def test_tokenizer_training_is_deterministic(bench_dir, trained_tokenizer, tmp_path):
-    from ngdiff_ds.data.tokenizer import train_tokenizer
+    from ngdiff_ds.default.tokenizer import train_tokenizer
 
     _, first_dir = trained_tokenizer
     train_tokenizer(benchmark_texts(bench_dir), tmp_path, vocab_size=2000)

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TIMING_KEYS = {"step_time", "tokens_per_s"}
+TIMING_KEYS = {"step_time", "tokens_per_s", "probe_time"}
 RUN_ARGS = ["--max-steps", "6", "--eval-every", "3", "--seed", "0", "--log-every", "1"]
 
 

@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import math
 
-from ngdiff_ds.eval import metrics
+from ngdiff_ds.eval import text_metrics as metrics
+from ngdiff_ds.eval.results import MetricResult
 from ngdiff_ds.eval.runner import greedy_continuations, text_token_logprobs
 
 MIN_K_FRACTION = 0.4  # MUSE's k for the Min-K% attack
 
 
-def evaluate_muse(engine, tokenizer, sets: dict[str, list[dict]], rank: int, world_size: int,
+def evaluate_muse(engine, tokenizer, sets: dict[str, list[dict]],
                   reference_auc: float | None = None, max_length: int = 256, batch_size: int = 32,
-                  verbmem_max_new_tokens: int = 128) -> dict[str, metrics.MetricResult]:
+                  verbmem_max_new_tokens: int = 128) -> dict[str, MetricResult]:
     """The MUSE text metrics for the sets given.
 
     ``sets``: ``"verbmem"`` (records with ``prompt`` and ``gt``) gives VerbMem;
@@ -35,19 +36,19 @@ def evaluate_muse(engine, tokenizer, sets: dict[str, list[dict]], rank: int, wor
     if "verbmem" in sets:
         records = sets["verbmem"]
         continuations = greedy_continuations(engine, tokenizer, [r["prompt"] for r in records],
-                                             verbmem_max_new_tokens, batch_size, rank, world_size)
+                                             verbmem_max_new_tokens, batch_size)
         results["forget_verbmem_ROUGE"] = metrics.verbatim_memorisation(
             continuations, [r["gt"] for r in records])
     if "forget_text" in sets and "holdout_text" in sets:
         scores = {}
         for name in ("forget_text", "holdout_text"):
             token_logprobs = text_token_logprobs(engine, tokenizer, [r["text"] for r in sets[name]],
-                                                 max_length, batch_size, rank, world_size)
+                                                 max_length, batch_size)
             scores[name] = metrics.min_k_percent_scores(token_logprobs, MIN_K_FRACTION)
             results[f"{name}_min_k"] = scores[name]
         if any(math.isnan(s.agg_value) for s in scores.values()):
             # A model that scores NaN has no ranking to measure: report it, do not stop the run.
-            results["mia_min_k"] = metrics.MetricResult(math.nan)
+            results["mia_min_k"] = MetricResult(math.nan)
         else:
             results["mia_min_k"] = metrics.auc(scores["forget_text"], scores["holdout_text"])
         if reference_auc is not None:

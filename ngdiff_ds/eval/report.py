@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ngdiff_ds.eval import metrics
+from ngdiff_ds.eval.results import summary as summarise
+from ngdiff_ds.eval.results import to_results
 
 TABLE_METRICS = (
     # TOFU
@@ -22,9 +23,9 @@ def write_results(results: dict, out_dir: str | Path, tag: str) -> dict[str, flo
     """``<tag>_results.json`` (per example) and ``<tag>_summary.json``; returns the summary."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    full = metrics.to_results(results)
+    full = to_results(results)
     (out_dir / f"{tag}_results.json").write_text(json.dumps(full, indent=1))
-    summary = metrics.summary(full)
+    summary = summarise(full)
     (out_dir / f"{tag}_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

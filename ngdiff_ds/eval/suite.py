@@ -11,11 +11,57 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ngdiff_ds.data.qa import (MissingField, SplitNotFound, encode_text, load_qa_split,
-                               load_text_split, load_verbmem_split)
-from ngdiff_ds.eval import metrics
+from ngdiff_ds.data.encoding import encode_text
+from ngdiff_ds.data.records import load_qa_split, load_text_split, load_verbmem_split
+from ngdiff_ds.errors import ConfigError, DataError, MissingField, SplitNotFound
 from ngdiff_ds.eval.muse import evaluate_muse, mia_auc_of
+from ngdiff_ds.eval.results import MetricResult, to_results
 from ngdiff_ds.eval.tofu import evaluate_tofu, forget_truth_ratios_of
+from ngdiff_ds.settings import invalid, option
+
+
+@dataclass
+class EvalSettings:
+    """The TOFU and MUSE evaluation flags (shared by launch/unlearn.py and launch/evaluate.py)."""
+
+    batch_size: int = option(32, flag="--eval-batch-size", help="examples per scoring forward")
+    wf_split: str = option("world_facts", help="general-fact split for model utility (skipped "
+                                               "if the data lacks it)")
+    retain_size: int = option(200, flag="--eval-retain-size",
+                              help="retain examples scored (the first N of the split)")
+    max_new_tokens: int = option(48, help="greedy answer length for TOFU ROUGE and MUSE KnowMem")
+    muse: bool = option(True, flag="--no-muse",
+                        help="skip the MUSE text metrics (VerbMem, Min-K%% AUC, PrivLeak)")
+    verbmem_split: str | None = option(None, help="prompt/gt records for VerbMem (default: "
+                                                  "<forget split>_verbmem)")
+    forget_text_split: str | None = option(None, help="forget texts for the Min-K%% test "
+                                                      "(default: <forget split>_text)")
+    holdout_split: str = option("holdout_text", help="texts no model trained on: the "
+                                                     "non-members of the Min-K%% test")
+    verbmem_max_new_tokens: int = option(128, help="greedy continuation length for VerbMem")
+    retain_model: str | None = option(None, help="retain-only model: the forget quality and "
+                                                 "PrivLeak reference")
+    retain_results: str | None = option(None, help="a saved results JSON of the retain-only "
+                                                   "model instead of --retain-model")
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "retain_size", "max_new_tokens", "verbmem_max_new_tokens"):
+            if getattr(self, name) < 1:
+                invalid(self, name, "must be at least 1")
+        if self.retain_model and self.retain_results:
+            raise ConfigError("pass --retain-model or --retain-results, not both: each is the "
+                              "reference of forget quality and PrivLeak")
+
+    def split_names(self, forget: str, retain: str) -> "SplitNames":
+        return SplitNames(forget=forget, retain=retain, wf=self.wf_split,
+                          verbmem=self.verbmem_split, forget_text=self.forget_text_split,
+                          holdout_text=self.holdout_split, retain_size=self.retain_size,
+                          muse=self.muse)
+
+    def options(self, max_length: int) -> "EvalOptions":
+        return EvalOptions(max_length=max_length, batch_size=self.batch_size,
+                           max_new_tokens=self.max_new_tokens,
+                           verbmem_max_new_tokens=self.verbmem_max_new_tokens)
 
 
 @dataclass
@@ -35,9 +81,9 @@ class Reference:
     mia_auc: float | None = None
 
     @classmethod
-    def from_results(cls, results: dict[str, metrics.MetricResult]) -> "Reference":
+    def from_results(cls, results: dict[str, MetricResult]) -> "Reference":
         """From the freshly computed results of the retain-only model."""
-        return cls.from_mapping(metrics.to_results(results), "the retain-only model's results")
+        return cls.from_mapping(to_results(results), "the retain-only model's results")
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Reference":
@@ -45,24 +91,25 @@ class Reference:
         try:
             data = json.loads(Path(path).read_text())
         except OSError as error:
-            raise ValueError(f"cannot read the reference results {path}: {error.strerror or error}")
+            raise DataError(f"cannot read the reference results {path}: "
+                            f"{error.strerror or error}") from None
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error})")
+            raise DataError(f"{path}: not valid JSON ({error})") from None
         reference = cls.from_mapping(data, str(path))
         if reference.forget_truth_ratios is None and reference.mia_auc is None:
-            raise ValueError(f"{path} has neither forget_truth_ratio nor mia_min_k: not a "
+            raise DataError(f"{path} has neither forget_truth_ratio nor mia_min_k: not a "
                              "retain-only model's results file")
         return reference
 
     @classmethod
     def from_mapping(cls, data, source: str) -> "Reference":
         if not isinstance(data, dict):
-            raise ValueError(f"{source}: expected a JSON object of metric results")
+            raise DataError(f"{source}: expected a JSON object of metric results")
         try:
             return cls(forget_truth_ratios=forget_truth_ratios_of(data), mia_auc=mia_auc_of(data))
         except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{source} is not in the results schema (metric -> agg_value, "
-                             f"value_by_index): {type(error).__name__} {error}")
+            raise DataError(f"{source} is not in the results schema (metric -> agg_value, "
+                            f"value_by_index): {type(error).__name__} {error}") from None
 
 
 @dataclass
@@ -139,20 +186,20 @@ def truncated_texts_note(tokenizer, sets: dict[str, list[dict]], max_length: int
             "tokens; only their first tokens are scored")
 
 
-def evaluate_model(engine, tokenizer, sets: dict[str, list[dict]], rank: int, world_size: int,
-                   reference: Reference | None, options: EvalOptions) -> dict[str, metrics.MetricResult]:
+def evaluate_model(engine, tokenizer, sets: dict[str, list[dict]], reference: Reference | None,
+                   options: EvalOptions) -> dict[str, MetricResult]:
     """Every metric the sets allow. Collective: every rank calls it, every rank gets the results."""
     reference = reference or Reference()
     tofu_sets = {k: sets[k] for k in ("forget", "retain", "wf") if k in sets}
     results = {}
     if tofu_sets:
-        results.update(evaluate_tofu(engine, tokenizer, tofu_sets, rank, world_size,
+        results.update(evaluate_tofu(engine, tokenizer, tofu_sets,
                                      reference_forget_truth_ratios=reference.forget_truth_ratios,
                                      max_length=options.max_length, batch_size=options.batch_size,
                                      max_new_tokens=options.max_new_tokens))
     muse_sets = {k: sets[k] for k in ("verbmem", "forget_text", "holdout_text") if k in sets}
     if muse_sets:
-        results.update(evaluate_muse(engine, tokenizer, muse_sets, rank, world_size,
+        results.update(evaluate_muse(engine, tokenizer, muse_sets,
                                      reference_auc=reference.mia_auc, max_length=options.max_length,
                                      batch_size=options.batch_size,
                                      verbmem_max_new_tokens=options.verbmem_max_new_tokens))

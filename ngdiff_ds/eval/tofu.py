@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 
-from ngdiff_ds.eval import metrics
+from ngdiff_ds.eval import metrics, text_metrics
+from ngdiff_ds.eval.results import MetricResult
 from ngdiff_ds.eval.runner import answer_logprobs, greedy_answers
 
 # Which truth-ratio aggregate each set uses: forgetting wants R near 1 (can't tell true from
@@ -21,36 +22,36 @@ TRUTH_RATIO_NAME = {"forget": "forget_truth_ratio", "retain": "retain_Truth_Rati
 UTILITY_INPUTS = ("retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio",
                   "wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio")
 
-def _score_pairs(engine, tokenizer, pairs, settings, rank, world_size):
+
+def _score_pairs(engine, tokenizer, pairs, settings):
     scored = answer_logprobs(engine, tokenizer, pairs, settings["max_length"],
-                             settings["batch_size"], rank, world_size)
+                             settings["batch_size"])
     return [s for s, _ in scored], [n for _, n in scored]
 
 
-def _evaluate_set(prefix: str, records: list[dict], engine, tokenizer, settings, rank,
-                  world_size) -> dict[str, metrics.MetricResult]:
+def _evaluate_set(prefix: str, records: list[dict], engine, tokenizer,
+                  settings) -> dict[str, MetricResult]:
     questions = [r["question"] for r in records]
     answers = [r["answer"] for r in records]
     out = {}
-    sums, counts = _score_pairs(engine, tokenizer, list(zip(questions, answers)), settings, rank,
-                                world_size)
+    sums, counts = _score_pairs(engine, tokenizer, list(zip(questions, answers)), settings)
     has_options = all(r.get("paraphrased_answer") and r.get("perturbed_answer") for r in records)
     if prefix != "wf" or not has_options:
         out[f"{prefix}_Q_A_Prob"] = metrics.answer_probability(sums, counts)
     generations = greedy_answers(engine, tokenizer, questions, settings["max_new_tokens"],
-                                 settings["batch_size"], rank, world_size)
+                                 settings["batch_size"])
     out[f"{prefix}_Q_A_ROUGE"] = metrics.rouge_l_recall(generations, answers)
     if prefix in ("forget", "retain"):
         # MUSE's KnowMem on the same generations: ROUGE-L F1 where TOFU takes recall.
-        out[f"{prefix}_knowmem_ROUGE"] = metrics.knowledge_memorisation(generations, answers)
+        out[f"{prefix}_knowmem_ROUGE"] = text_metrics.knowledge_memorisation(generations, answers)
     if has_options:
         para_sums, para_counts = _score_pairs(
             engine, tokenizer, [(r["question"], r["paraphrased_answer"]) for r in records],
-            settings, rank, world_size)
+            settings)
         per_example = [len(r["perturbed_answer"]) for r in records]
         pert_sums, pert_counts = _score_pairs(
             engine, tokenizer, [(r["question"], p) for r in records for p in r["perturbed_answer"]],
-            settings, rank, world_size)
+            settings)
         if prefix == "wf":
             # General facts are scored as multiple choice: the paraphrased true answer against
             # the perturbed ones, which share its sentence template (TOFU's option sets differ
@@ -72,9 +73,9 @@ def _split(values: list, sizes: list[int]) -> list[list]:
     return out
 
 
-def evaluate_tofu(engine, tokenizer, sets: dict[str, list[dict]], rank: int, world_size: int,
+def evaluate_tofu(engine, tokenizer, sets: dict[str, list[dict]],
                   reference_forget_truth_ratios=None, max_length: int = 256, batch_size: int = 32,
-                  max_new_tokens: int = 48) -> dict[str, metrics.MetricResult]:
+                  max_new_tokens: int = 48) -> dict[str, MetricResult]:
     """All TOFU metrics for the sets given (keys among "forget", "retain", "wf").
 
     Every rank must call this (scoring and generation are collective); every rank gets the
@@ -85,7 +86,7 @@ def evaluate_tofu(engine, tokenizer, sets: dict[str, list[dict]], rank: int, wor
     settings = {"max_length": max_length, "batch_size": batch_size, "max_new_tokens": max_new_tokens}
     results = {}
     for prefix, records in sets.items():
-        results.update(_evaluate_set(prefix, records, engine, tokenizer, settings, rank, world_size))
+        results.update(_evaluate_set(prefix, records, engine, tokenizer, settings))
     if reference_forget_truth_ratios is not None and "forget_truth_ratio" in results:
         results["forget_quality"] = metrics.forget_quality(results["forget_truth_ratio"],
                                                            reference_forget_truth_ratios)

@@ -25,10 +25,12 @@ from pathlib import Path
 import torch
 
 from ngdiff_ds.config import BatchLayout, engine_config
-from ngdiff_ds.data.qa import StepBatches, encode_split, load_training_records
-from ngdiff_ds.engine import barrier, build_engine, load_tokenizer, save_hf_model
+from ngdiff_ds.data.records import load_training_records
+from ngdiff_ds.data.task import task_from_records
+from ngdiff_ds.distributed import barrier, rank_and_world_size
+from ngdiff_ds.engine import build_engine, load_tokenizer, save_hf_model
+from ngdiff_ds.trainer import run_finetune
 from ngdiff_ds.run_log import RunLog
-from ngdiff_ds.trainer import TaskData, run_finetune
 
 # v2: perturbed answers use the paraphrase template; v3: biography passages (MUSE-style)
 VERSION = "default-v3"
@@ -70,8 +72,8 @@ def _build_inputs(root: Path) -> None:
     """Data, tokenizer and initial weights (rank 0 only; cheap and deterministic)."""
     from transformers import LlamaForCausalLM
 
-    from ngdiff_ds.data.synthetic import benchmark_texts, generate_benchmark
-    from ngdiff_ds.data.tokenizer import train_tokenizer
+    from ngdiff_ds.default.synthetic import benchmark_texts, generate_benchmark
+    from ngdiff_ds.default.tokenizer import train_tokenizer
 
     if not (root / "data" / "manifest.json").is_file():
         generate_benchmark(root / "data", seed=0, num_authors=NUM_AUTHORS)
@@ -87,39 +89,37 @@ def _build_inputs(root: Path) -> None:
         staging.rename(root / "init")
 
 
-def _finetune(root: Path, out_name: str, splits: list[str], rank: int, world_size: int,
-              log: RunLog) -> None:
+def _finetune(root: Path, out_name: str, splits: list[str], world_size: int, log: RunLog) -> None:
     tokenizer = load_tokenizer(str(root / "tokenizer"))
     records = load_training_records(str(root / "data"), "+".join(splits))
     # Passages are repeated: reciting ~100 tokens verbatim takes more epochs than a QA answer.
     records += [r for r in records if "text" in r] * (PASSAGE_REPEATS - 1)
-    examples, truncated = encode_split(tokenizer, records, FINETUNE_MAX_LENGTH, "+".join(splits))
+    ds_config, layout = finetune_ds_config(world_size)
+    data = task_from_records(out_name, records, "+".join(splits), tokenizer, FINETUNE_MAX_LENGTH,
+                             layout, seed=0)
+    truncated = sum(example["truncated"] for example in data.examples)
     if truncated:
         raise RuntimeError(f"{truncated} fine-tuning examples exceed {FINETUNE_MAX_LENGTH} tokens")
-    ds_config, layout = finetune_ds_config(world_size)
-    batches = StepBatches(len(examples), layout.micro_batch_size, 1, world_size, seed=0)
-    data = TaskData(name=out_name, examples=examples, batches=batches,
-                    pad_token_id=tokenizer.pad_token_id)
-    steps = FINETUNE_EPOCHS * len(examples) // batches.global_batch_size
+    steps = FINETUNE_EPOCHS * len(data.examples) // data.batches.global_batch_size
     log.print(f"building the embedded default: fine-tuning {out_name} on {'+'.join(splits)} "
-              f"({len(examples)} QA pairs and passages, {steps} steps, {world_size} rank(s)); done once, "
-              f"cached in {root}")
+              f"({len(data.examples)} QA pairs and passages, {steps} steps, {world_size} rank(s)); "
+              f"done once, cached in {root}")
     built = build_engine(str(root / "init"), ds_config)
     # The fine-tune's own metrics go next to the model, not into the caller's run.
-    finetune_log = RunLog(root / "logs" / out_name, rank, tensorboard=False)
-    loss = run_finetune(built, data, steps, FINETUNE_PEAK_LR, finetune_log, rank)
+    finetune_log = RunLog(root / "logs" / out_name, tensorboard=False)
+    loss = run_finetune(built, data, steps, FINETUNE_PEAK_LR, finetune_log)
     finetune_log.close()
     log.print(f"{out_name}: final training loss {loss:.4f}")
     save_hf_model(built, tokenizer, root / out_name)
     del built
 
 
-def ensure_default_assets(cache_dir: Path, retain_split: str, rank: int, world_size: int,
-                          log: RunLog) -> dict[str, str]:
+def ensure_default_assets(cache_dir: Path, retain_split: str, log: RunLog) -> dict[str, str]:
     """Build what is missing; return paths: data, tokenizer, model_full, model_retain.
 
     Every rank must call this (the fine-tunes are collective).
     """
+    rank, world_size = rank_and_world_size()
     root = Path(cache_dir) / VERSION
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -129,7 +129,7 @@ def ensure_default_assets(cache_dir: Path, retain_split: str, rank: int, world_s
     for out_name, splits in (("model_full", ["full", "world_facts", "full_text"]),
                              (retain_name, [retain_split, "world_facts", f"{retain_split}_text"])):
         if not (root / out_name / "config.json").is_file():
-            _finetune(root, out_name, splits, rank, world_size, log)
+            _finetune(root, out_name, splits, world_size, log)
         barrier()
     paths = {"data": root / "data", "tokenizer": root / "tokenizer",
              "model_full": root / "model_full", "model_retain": root / retain_name}
