@@ -8,6 +8,11 @@ On CPU only (no GPU):
 
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launch/unlearn.py --deepspeed ds_configs/zero3.json
 
+A cluster batch job that survives preemption (the same command for the first run and every
+requeue; exit code 75 after SIGTERM/SIGUSR1 with a checkpoint written):
+
+    deepspeed launch/unlearn.py --deepspeed ds_configs/zero3.json --save-every 20 --resume auto
+
 Your own model and TOFU-schema data:
 
     deepspeed --num_gpus 8 launch/unlearn.py --deepspeed ds_configs/zero3_bf16.json \\
@@ -21,7 +26,8 @@ A method of your own (a registered loss or combine rule, see docs/design.md):
 
 Writes to --output-dir: metrics.jsonl, tensorboard/, summary.json, model/ (an HF directory) and
 eval/ (TOFU and MUSE results and summaries per evaluation point, the trade-off plot).
-Exit codes: 0 done, 2 bad input (one line names it), 3 the gradients stayed zero or NaN.
+Exit codes: 0 done, 2 bad input (one line names it), 3 the gradients stayed zero or NaN,
+75 preempted (checkpoint written: requeue with --resume auto).
 """
 
 import sys
@@ -30,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ngdiff_ds.adaptive_lr import AdaptiveLRConfig  # noqa: E402
+from ngdiff_ds.checkpoint import CheckpointSettings  # noqa: E402
 from ngdiff_ds.cli import build_parser  # noqa: E402
 from ngdiff_ds.errors import exit_on_bad_input  # noqa: E402
 from ngdiff_ds.eval.suite import EvalSettings  # noqa: E402
@@ -41,12 +48,14 @@ from ngdiff_ds.unlearn import UnlearnSettings, unlearn  # noqa: E402
 def main() -> None:
     parser = build_parser(__doc__, (JobSettings, None), (UnlearnSettings, "unlearning"),
                           (AdaptiveLRConfig, "adaptive learning rate (GeN parabola fit; on by default)"),
-                          (EvalSettings, "TOFU and MUSE evaluation"))
+                          (EvalSettings, "TOFU and MUSE evaluation"),
+                          (CheckpointSettings, "checkpoints and resume"))
     args = parser.parse_args()
     with exit_on_bad_input():
         settings = from_args(UnlearnSettings, args)
         rate = from_args(AdaptiveLRConfig, args, total_steps=settings.max_steps)
-        unlearn(from_args(JobSettings, args), settings, rate, from_args(EvalSettings, args))
+        unlearn(from_args(JobSettings, args), settings, rate, from_args(EvalSettings, args),
+                from_args(CheckpointSettings, args))
 
 
 if __name__ == "__main__":

@@ -44,8 +44,12 @@ def read_json(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"DeepSpeed config {path} does not exist")
+    def refuse_constant(name: str):
+        raise ConfigError(f"DeepSpeed config {path}: {name} is not a number JSON allows; write "
+                          "a finite number")
+
     try:
-        value = json.loads(path.read_text())
+        value = json.loads(path.read_text(), parse_constant=refuse_constant)
     except json.JSONDecodeError as err:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {err.msg} at line "
                           f"{err.lineno} column {err.colno}") from None

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 # Exit codes, documented in the README.
 EXIT_BAD_INPUT = 2   # refused before or while starting: nothing trained
 EXIT_DIVERGED = 3    # too many consecutive steps with a zero or non-finite gradient norm
+EXIT_PREEMPTED = 75  # stopped on SIGTERM/SIGUSR1 after writing a checkpoint: requeue and resume
 
 
 class BadInput(Exception):
@@ -54,6 +55,10 @@ class TrainingDiverged(RuntimeError):
     """The run stopped itself: its gradients stayed zero or non-finite."""
 
 
+class Preempted(Exception):
+    """The run stopped on a preemption signal, after writing a checkpoint."""
+
+
 def launcher_rank() -> int:
     """This process's rank before the process group exists (launchers export one of these)."""
     for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
@@ -64,8 +69,9 @@ def launcher_rank() -> int:
 
 @contextmanager
 def exit_on_bad_input():
-    """Turn a ``BadInput`` into ``error: <message>`` on rank 0's stderr and exit code 2, and a
-    ``TrainingDiverged`` into its message and exit code 3; nothing else is caught.
+    """Turn a ``BadInput`` into ``error: <message>`` on rank 0's stderr and exit code 2, a
+    ``TrainingDiverged`` into its message and exit code 3, a ``Preempted`` into exit code 75;
+    nothing else is caught.
 
     Every rank runs the same checks on the same input, so every rank exits; only rank 0
     prints, so the message appears once.
@@ -78,6 +84,10 @@ def exit_on_bad_input():
     except TrainingDiverged as error:
         _print_once(error)
         sys.exit(EXIT_DIVERGED)
+    except Preempted as error:
+        if launcher_rank() == 0:
+            print(f"preempted: {error}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_PREEMPTED)
 
 
 def _print_once(error: Exception) -> None:

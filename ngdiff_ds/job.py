@@ -106,11 +106,27 @@ def start_job(settings: JobSettings, output_dir: str | Path, tensorboard: bool =
     from ngdiff_ds.distributed import init_distributed
 
     raw_config = read_json(settings.deepspeed)  # before the process group: a typo fails fast
+    check_output_dir(output_dir)
     _, world_size = init_distributed(settings.dist_timeout_minutes)
     layout = validate_ds_config(raw_config, settings.deepspeed, world_size,
                                 settings.micro_batch_size, settings.grad_accum_steps)
     return Job(settings=settings, raw_config=raw_config, layout=layout,
                log=RunLog(output_dir, tensorboard=tensorboard))
+
+
+def check_output_dir(output_dir: str | Path) -> None:
+    """Refuse an output directory that is a file, lies under a file, or cannot be written;
+    nothing is created here (a refused run leaves no directory behind)."""
+    path = Path(output_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--output-dir {output_dir} exists and is not a directory")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--output-dir {output_dir}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output-dir {output_dir}: {existing} is not writable")
 
 
 def model_max_length(model: str, requested: int | None, log: RunLog) -> int:

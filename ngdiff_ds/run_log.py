@@ -27,25 +27,54 @@ class RunLog:
         self.enabled = is_main_process()
         self.out_dir = Path(out_dir)
         self.tensorboard = tensorboard
+        self.rows_written = 0  # rows of metrics.jsonl so far (a checkpoint records it)
         self._jsonl = None
         self._writer = None
 
-    def _open(self) -> None:
+    def _open(self, mode: str = "w", purge_step: int | None = None) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.out_dir / "metrics.jsonl", "w", buffering=1)  # one run per file
+        self._jsonl = open(self.out_dir / "metrics.jsonl", mode, buffering=1)  # one run per file
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+            self._writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"),
+                                         purge_step=purge_step)
+
+    def resume(self, rows: int, purge_step: int) -> None:
+        """Continue the files of a resumed run: keep the first ``rows`` rows of metrics.jsonl
+        (those the checkpoint had seen; later ones are written again), and have TensorBoard
+        hide the old events at steps >= ``purge_step``, re-adding the kept rows at those steps.
+        """
+        self.rows_written = rows
+        if not self.enabled:
+            return
+        path = self.out_dir / "metrics.jsonl"
+        kept = path.read_text().splitlines()[:rows] if path.is_file() else []
+        if len(kept) < rows:
+            self.print(f"warning: {path} has {len(kept)} rows, the checkpoint saw {rows}; "
+                       "the run's log continues from what is there")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(".metrics.jsonl.tmp")
+        staging.write_text("".join(line + "\n" for line in kept))
+        staging.replace(path)
+        self._open("a", purge_step=purge_step)
+        for row in map(json.loads, kept):
+            if row["step"] >= purge_step:
+                values = {k: v for k, v in row.items() if k not in ("kind", "step")}
+                self._add_scalars(row["kind"], row["step"], values)
 
     def record(self, kind: str, step: int, values: dict) -> None:
         """Write ``values`` for ``step``; numeric entries also go to TensorBoard as kind/name."""
+        self.rows_written += 1
         if not self.enabled:
             return
         if self._jsonl is None:
             self._open()
         row = {"kind": kind, "step": step, **{k: _jsonable(v) for k, v in values.items()}}
         self._jsonl.write(json.dumps(row) + "\n")
+        self._add_scalars(kind, step, values)
+
+    def _add_scalars(self, kind: str, step: int, values: dict) -> None:
         if self._writer is not None:
             for name, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):

@@ -29,7 +29,8 @@ from ngdiff_ds.combine import Gram, combine_in_place, local_gram
 from ngdiff_ds.data.task import TaskData
 from ngdiff_ds.distributed import rank_and_world_size
 from ngdiff_ds.engine import TrainingEngine, set_learning_rate
-from ngdiff_ds.errors import TrainingDiverged
+from ngdiff_ds import preemption
+from ngdiff_ds.errors import Preempted, TrainingDiverged
 from ngdiff_ds.losses import RETAIN_LOSSES
 from ngdiff_ds.lr_probe import AdaptiveRate
 from ngdiff_ds.run_log import RunLog
@@ -73,9 +74,11 @@ class StepStats:
     lr: float
     step_time: float
     tokens_per_s: float
+    stop_votes: int = 0  # ranks that asked to stop (preemption), from the step's all-reduce
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        """The logged row (the stop votes are control flow, not a metric)."""
+        return {k: v for k, v in self.__dict__.items() if k != "stop_votes"}
 
 
 @dataclass(frozen=True)
@@ -89,12 +92,14 @@ class Method:
 
 def ngdiff_step(built: TrainingEngine, forget_micro_batches, retain_micro_batches,
                 method: Method, lr: float, spare: torch.Tensor, step: int,
-                keep_step_delta: bool = False) -> StepStats:
+                keep_step_delta: bool = False, stop_vote: bool = False) -> StepStats:
     """One NGDiff step; ``spare`` is a preallocated buffer of this rank's partition size.
 
     ``spare`` first holds the forget gradient. With ``keep_step_delta`` it holds, afterwards,
     the step just taken (theta_new - theta_old, this rank's slice) for the adaptive rate's
     probes: free once the direction is formed, it costs no extra full-size buffer.
+    ``stop_vote``: this rank asks to stop after this step (preemption); the votes travel in
+    the step's all-reduce, so every rank learns the same count.
     """
     start = time.perf_counter()
     partitions = built.partitions
@@ -105,9 +110,12 @@ def ngdiff_step(built: TrainingEngine, forget_micro_batches, retain_micro_batche
     retain_grad = partitions.flat_grad
 
     # One all-reduce for everything global: the three Gram sums (disjoint slices -> sums over
-    # ranks are the global sums) plus the losses and token counts (summed, then averaged).
+    # ranks are the global sums), the losses and token counts (summed, then averaged), and
+    # the ranks' stop votes (summed: any vote stops every rank after this step).
+    vote = torch.full((1,), float(stop_vote), dtype=torch.float64, device=forget_loss.device)
     local = torch.cat([local_gram(forget_grad, retain_grad).to(forget_loss.device),
-                       torch.stack([forget_loss, retain_loss, forget_tokens + retain_tokens])])
+                       torch.stack([forget_loss, retain_loss, forget_tokens + retain_tokens]),
+                       vote])
     partitions.all_reduce_sum(local)
     totals = local.tolist()
     world = built.engine.world_size
@@ -132,52 +140,79 @@ def ngdiff_step(built: TrainingEngine, forget_micro_batches, retain_micro_batche
     return StepStats(step=step, skipped=skipped, forget_loss=totals[3] / world,
                      retain_loss=totals[4] / world, forget_grad_norm=gram.forget_norm,
                      retain_grad_norm=gram.retain_norm, cosine=gram.cosine, lr=lr,
-                     step_time=elapsed, tokens_per_s=totals[5] / elapsed)
+                     step_time=elapsed, tokens_per_s=totals[5] / elapsed,
+                     stop_votes=int(totals[6]))
+
+
+@dataclass
+class LoopState:
+    """The loop's counters: what a checkpoint must carry besides weights and the rate."""
+
+    steps_done: int = 0
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
 
 
 def run_unlearning(built: TrainingEngine, forget: TaskData, retain: TaskData, method: Method,
                    rate: AdaptiveRate, max_steps: int, log: RunLog, log_every: int = 1,
-                   max_consecutive_skips: int = 10, evaluate=None,
-                   eval_every: int = 0) -> list[StepStats]:
-    """The NGDiff loop: ``max_steps`` steps, printed every ``log_every``.
+                   max_consecutive_skips: int = 10, evaluate=None, eval_every: int = 0,
+                   state: LoopState | None = None, checkpoint=None) -> list[StepStats]:
+    """The NGDiff loop: from ``state.steps_done`` to ``max_steps`` steps, printed every
+    ``log_every``.
 
     ``rate`` sets each step's learning rate and, on its fit steps, probes along the step just
-    taken; its state is the run's adaptive-rate state (checkpoints carry it).
-    ``evaluate(steps_done)`` is called on every rank after every ``eval_every`` steps.
+    taken. After a step: ``evaluate(steps_done)`` every ``eval_every`` steps, then
+    ``checkpoint(state, evaluated, stopping)``; when any rank got a preemption signal
+    (preemption.py) every rank stops after the same step and raises ``Preempted``.
     """
+    state = state or LoopState()
     rank, _ = rank_and_world_size()
     device = built.device
     spare = torch.empty_like(built.partitions.flat_grad)  # the one extra partition
     history = []
-    consecutive_skips = 0
-    progress = tqdm(range(max_steps), desc="ngdiff", disable=rank != 0, dynamic_ncols=True)
+    progress = tqdm(range(state.steps_done, max_steps), desc="ngdiff", disable=rank != 0,
+                    dynamic_ncols=True, initial=state.steps_done, total=max_steps)
     for step in progress:
         probe_now = rate.probes_after(step)
         stats = ngdiff_step(built, forget.micro_batches(step, rank, device),
                             retain.micro_batches(step, rank, device), method, rate.lr(step),
-                            spare, step, keep_step_delta=probe_now)
+                            spare, step, keep_step_delta=probe_now,
+                            stop_vote=preemption.requested())
         history.append(stats)
         log.record("train", step, stats.as_dict())
         if probe_now and not stats.skipped:
             rate.probe_and_fit(built, step, spare)
-        if stats.skipped:
-            consecutive_skips += 1
-            log.print(f"step {step}: SKIPPED (forget_grad_norm={stats.forget_grad_norm:.4g}, "
-                      f"retain_grad_norm={stats.retain_grad_norm:.4g}); weights unchanged")
-            if consecutive_skips >= max_consecutive_skips:
-                raise TrainingDiverged(
-                    f"{consecutive_skips} consecutive steps had a zero or non-finite gradient "
-                    f"norm (last: forget {stats.forget_grad_norm}, retain {stats.retain_grad_norm});"
-                    " stopping instead of running on")
-            continue
-        consecutive_skips = 0
-        progress.set_postfix(forget=f"{stats.forget_loss:.3f}", retain=f"{stats.retain_loss:.3f}")
-        if step % log_every == 0 or step == max_steps - 1:
-            log.print(_step_line(stats))
-        if evaluate is not None and eval_every > 0 and (step + 1) % eval_every == 0 \
-                and step + 1 < max_steps:
-            evaluate(step + 1)
+        _count_skips(state, stats, log, max_consecutive_skips)
+        state.steps_done = step + 1
+        if not stats.skipped:
+            progress.set_postfix(forget=f"{stats.forget_loss:.3f}", retain=f"{stats.retain_loss:.3f}")
+            if step % log_every == 0 or step == max_steps - 1:
+                log.print(_step_line(stats))
+        evaluated = evaluate is not None and eval_every > 0 and state.steps_done % eval_every == 0 \
+            and state.steps_done < max_steps
+        if evaluated:
+            evaluate(state.steps_done)
+        if checkpoint is not None:
+            checkpoint(state, evaluated, stats.stop_votes > 0)
+        if stats.stop_votes > 0:
+            raise Preempted(f"{stats.stop_votes} rank(s) got a preemption signal; stopped after "
+                            f"step {step} with a checkpoint; resume with --resume auto")
     return history
+
+
+def _count_skips(state: LoopState, stats: StepStats, log: RunLog, limit: int) -> None:
+    if not stats.skipped:
+        state.consecutive_skips = 0
+        return
+    state.skipped_steps += 1
+    state.consecutive_skips += 1
+    log.print(f"step {stats.step}: SKIPPED (forget_grad_norm={stats.forget_grad_norm:.4g}, "
+              f"retain_grad_norm={stats.retain_grad_norm:.4g}); weights unchanged")
+    if state.consecutive_skips >= limit:
+        raise TrainingDiverged(
+            f"{state.consecutive_skips} consecutive steps had a zero or non-finite gradient "
+            f"norm (last: forget {stats.forget_grad_norm}, retain {stats.retain_grad_norm}); "
+            "stopping instead of running on")
 
 
 def _step_line(stats: StepStats) -> str:

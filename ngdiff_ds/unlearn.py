@@ -16,13 +16,16 @@ evaluate again, write the summary.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ngdiff_ds.adaptive_lr import AdaptiveLRConfig
+from ngdiff_ds.checkpoint import CheckpointSettings
 from ngdiff_ds.combine import COMBINE_RULES
 from ngdiff_ds.distributed import is_main_process, rank_and_world_size
 from ngdiff_ds.errors import ConfigError
@@ -31,7 +34,7 @@ from ngdiff_ds.job import Job, JobSettings, start_job
 from ngdiff_ds.losses import FORGET_LOSSES, RETAIN_LOSSES
 from ngdiff_ds.registry import load_plugin, parse_option_strings
 from ngdiff_ds.settings import invalid, option
-from ngdiff_ds.trainer import Method
+from ngdiff_ds.trainer import LoopState, Method
 
 
 @dataclass
@@ -128,7 +131,7 @@ class Inputs:
 
 
 def _load_inputs(job: Job, forget_split: str, retain_split: str) -> Inputs:
-    from ngdiff_ds.data.task import load_task
+    from ngdiff_ds.data.task import load_task, shared_examples
 
     settings, log = job.settings, job.log
     default_retain_model = None
@@ -145,21 +148,11 @@ def _load_inputs(job: Job, forget_split: str, retain_split: str) -> Inputs:
                        settings.seed, note=log.print)
     retain = load_task("retain", data, retain_split, tokenizer, max_length, job.layout,
                        settings.seed + 1, note=log.print)
+    if shared := shared_examples(forget, retain):
+        log.print(f"warning: {shared} of the {len(forget.examples)} forget examples also appear in "
+                  f"the retain data ({retain_split}): the two tasks pull them in opposite "
+                  "directions")
     return Inputs(model, data, tokenizer, max_length, forget, retain, default_retain_model)
-
-
-def _start_evaluation(job: Job, settings: EvalSettings, inputs: Inputs, forget_split: str,
-                      retain_split: str, output_dir: str):
-    """The run's evaluation, with its reference: a results file, --retain-model, or the
-    embedded default's retain-only model."""
-    from ngdiff_ds.eval.run_eval import RunEvaluation
-
-    # The QA part (the first split) is what TOFU scores; MUSE's defaults follow its name.
-    evaluation = RunEvaluation(settings, inputs.data, first_split(forget_split),
-                               first_split(retain_split), inputs.tokenizer, inputs.max_length,
-                               Path(output_dir) / "eval", job.log)
-    evaluation.load_reference(settings, job.ds_config, default_model=inputs.default_retain_model)
-    return evaluation
 
 
 def _target_nlls(built, inputs: Inputs, batch_size: int) -> dict[str, float]:
@@ -183,63 +176,154 @@ def _build(job: Job, inputs: Inputs, rate: AdaptiveLRConfig):
 
 
 def unlearn(job_settings: JobSettings, settings: UnlearnSettings, rate: AdaptiveLRConfig,
-            evaluation_settings: EvalSettings) -> dict:
+            evaluation_settings: EvalSettings,
+            checkpoints: CheckpointSettings | None = None) -> dict:
     """The unlearning run; every rank calls it. Returns the summary (``summary.json``)."""
     forget_split = settings.forget_split or (
         "forget10+forget10_text" if job_settings.uses_embedded_default else "forget10")
     retain_split = settings.retain_split or tofu_retain_split(forget_split)
     job = start_job(job_settings, settings.output_dir)
     try:
-        return _run(job, settings, rate, evaluation_settings, forget_split, retain_split)
+        run = _Run(job, settings, rate, evaluation_settings, checkpoints or CheckpointSettings(),
+                   forget_split, retain_split)
+        return run.execute()
     finally:
         job.log.close()
 
 
-def _run(job: Job, settings: UnlearnSettings, rate_config: AdaptiveLRConfig,
-         evaluation_settings: EvalSettings, forget_split: str, retain_split: str) -> dict:
-    from ngdiff_ds.engine import save_hf_model
-    from ngdiff_ds.lr_probe import AdaptiveRate
-    from ngdiff_ds.trainer import run_unlearning
+class _Run:
+    """One unlearning run: started fresh, or resumed from a checkpoint of the same run."""
 
-    log = job.log
-    inputs = _load_inputs(job, forget_split, retain_split)
-    built = _build(job, inputs, rate_config)
-    log.print(f"NGDiff unlearning: model {inputs.model}, forget {forget_split} "
-              f"({len(inputs.forget.examples)} examples), retain {retain_split} "
-              f"({len(inputs.retain.examples)}), {rank_and_world_size()[1]} rank(s), global batch "
-              f"{job.layout.global_batch_size} per task, {settings.max_steps} steps, combine "
-              f"{settings.combine}, forget loss {settings.forget_loss}")
-    evaluation = _start_evaluation(job, evaluation_settings, inputs, forget_split, retain_split,
-                                   settings.output_dir) if settings.evaluate else None
-    if evaluation:
-        evaluation.run(built.engine, "before", 0)
-    before = _target_nlls(built, inputs, evaluation_settings.batch_size)
-    log.record("eval", 0, {f"before_{k}": v for k, v in before.items()})
+    def __init__(self, job: Job, settings: UnlearnSettings, rate_config: AdaptiveLRConfig,
+                 evaluation_settings: EvalSettings, checkpoints: CheckpointSettings,
+                 forget_split: str, retain_split: str):
+        from ngdiff_ds.checkpoint import Checkpointer
+        from ngdiff_ds.eval.run_eval import RunEvaluation
+        from ngdiff_ds.lr_probe import AdaptiveRate
 
-    method = settings.method()
-    start_lr = settings.lr if settings.lr is not None else built.engine.optimizer.param_groups[0]["lr"]
-    rate = AdaptiveRate(rate_config, start_lr, inputs.forget, inputs.retain, method, log)
-    history = run_unlearning(
-        built, inputs.forget, inputs.retain, method, rate, settings.max_steps, log,
-        log_every=settings.log_every, max_consecutive_skips=settings.max_consecutive_skips,
-        evaluate=(lambda step: evaluation.run(built.engine, f"step{step}", step))
-        if evaluation else None, eval_every=settings.eval_every)
+        self.job, self.settings, self.log = job, settings, job.log
+        self.rate_config, self.evaluation_settings = rate_config, evaluation_settings
+        self.forget_split, self.retain_split = forget_split, retain_split
+        self.inputs = _load_inputs(job, forget_split, retain_split)
+        self.built = _build(job, self.inputs, rate_config)
+        self.checkpointer = Checkpointer(checkpoints, settings.output_dir, job.log)
+        check_checkpoint_space(self.built, checkpoints, settings.output_dir)
+        self.evaluation = RunEvaluation(
+            evaluation_settings, self.inputs.data, first_split(forget_split),
+            first_split(retain_split), self.inputs.tokenizer, self.inputs.max_length,
+            Path(settings.output_dir) / "eval", job.log) if settings.evaluate else None
+        self.method = settings.method()
+        start_lr = settings.lr if settings.lr is not None else \
+            self.built.engine.optimizer.param_groups[0]["lr"]
+        self.rate = AdaptiveRate(rate_config, start_lr, self.inputs.forget, self.inputs.retain,
+                                 self.method, job.log)
+        self.loop = LoopState()
+        self.before: dict[str, float] = {}
 
-    after = _target_nlls(built, inputs, evaluation_settings.batch_size)
-    log.record("eval", settings.max_steps, {f"after_{k}": v for k, v in after.items()})
-    # Saved before the final evaluation, so a failing evaluation never costs the trained model.
-    save_hf_model(built, inputs.tokenizer, Path(settings.output_dir) / "model")
-    if evaluation:
-        evaluation.run(built.engine, "final", settings.max_steps)
-        evaluation.finish()
-    summary = {"model": inputs.model, "data": inputs.data, "forget_split": forget_split,
-               "retain_split": retain_split, "world_size": rank_and_world_size()[1],
-               "global_batch_per_task": job.layout.global_batch_size, "steps": settings.max_steps,
-               "skipped_steps": sum(s.skipped for s in history),
-               "adaptive_lr": rate.state.to_dict() if rate_config.enabled else None,
-               "before": before, "after": after}
-    _report(settings.output_dir, summary, log)
-    return summary
+    def execute(self) -> dict:
+        from ngdiff_ds import preemption
+        from ngdiff_ds.engine import save_hf_model
+        from ngdiff_ds.trainer import run_unlearning
+
+        settings, inputs, built, log = self.settings, self.inputs, self.built, self.log
+        log.print(f"NGDiff unlearning: model {inputs.model}, forget {self.forget_split} "
+                  f"({len(inputs.forget.examples)} examples), retain {self.retain_split} "
+                  f"({len(inputs.retain.examples)}), {rank_and_world_size()[1]} rank(s), global "
+                  f"batch {self.job.layout.global_batch_size} per task, {settings.max_steps} "
+                  f"steps, combine {settings.combine}, forget loss {settings.forget_loss}")
+        resume_from = self.checkpointer.find_resume()
+        if resume_from is None:
+            self._start_fresh()
+        else:
+            self._resume(resume_from)
+        preemption.install()
+        run_unlearning(
+            built, inputs.forget, inputs.retain, self.method, self.rate, settings.max_steps, log,
+            log_every=settings.log_every, max_consecutive_skips=settings.max_consecutive_skips,
+            evaluate=(lambda step: self.evaluation.run(built.engine, f"step{step}", step))
+            if self.evaluation else None, eval_every=settings.eval_every, state=self.loop,
+            checkpoint=self._checkpoint)
+
+        after = _target_nlls(built, inputs, self.evaluation_settings.batch_size)
+        log.record("eval", settings.max_steps, {f"after_{k}": v for k, v in after.items()})
+        # Saved before the final evaluation, so a failing evaluation never costs the trained model.
+        save_hf_model(built, inputs.tokenizer, Path(settings.output_dir) / "model")
+        if self.evaluation:
+            self.evaluation.run(built.engine, "final", settings.max_steps)
+            self.evaluation.finish()
+        summary = {"model": inputs.model, "data": inputs.data, "forget_split": self.forget_split,
+                   "retain_split": self.retain_split, "world_size": rank_and_world_size()[1],
+                   "global_batch_per_task": self.job.layout.global_batch_size,
+                   "steps": settings.max_steps, "skipped_steps": self.loop.skipped_steps,
+                   "adaptive_lr": self.rate.state.to_dict() if self.rate_config.enabled else None,
+                   "before": self.before, "after": after}
+        _report(settings.output_dir, summary, log)
+        return summary
+
+    def _start_fresh(self) -> None:
+        if self.evaluation:
+            self.evaluation.load_reference(self.evaluation_settings, self.job.ds_config,
+                                           default_model=self.inputs.default_retain_model)
+            self.evaluation.run(self.built.engine, "before", 0)
+        self.before = _target_nlls(self.built, self.inputs, self.evaluation_settings.batch_size)
+        self.log.record("eval", 0, {f"before_{k}": v for k, v in self.before.items()})
+
+    def _identity(self) -> dict:
+        """What must not change between a checkpoint and the run that resumes from it."""
+        return {"forget_split": self.forget_split, "retain_split": self.retain_split,
+                "seed": self.job.settings.seed,
+                "global_batch_per_task": self.job.layout.global_batch_size,
+                "forget_loss": self.settings.forget_loss, "combine": self.settings.combine}
+
+    def _client_state(self) -> dict:
+        return {"identity": self._identity(), "loop": dataclasses.asdict(self.loop),
+                "adaptive_lr": self.rate.state.to_dict(), "before": self.before,
+                "evaluation": self.evaluation.state_dict() if self.evaluation else None,
+                "log_rows": self.log.rows_written}
+
+    def _checkpoint(self, loop: LoopState, evaluated: bool, stopping: bool) -> None:
+        if stopping or self.checkpointer.due(loop.steps_done, self.settings.max_steps, evaluated):
+            self.checkpointer.save(self.built, self.inputs.tokenizer, loop.steps_done,
+                                   self._client_state())
+
+    def _resume(self, tag_dir: Path) -> None:
+        from ngdiff_ds.adaptive_lr import AdaptiveLRState
+
+        state = self.checkpointer.load(self.built, tag_dir)
+        changed = {k: (v, state["identity"].get(k)) for k, v in self._identity().items()
+                   if state["identity"].get(k) != v}
+        if changed:
+            raise ConfigError(f"checkpoint {tag_dir} belongs to another run: " + ", ".join(
+                f"{k} is {new!r} now but was {old!r}" for k, (new, old) in changed.items()))
+        self.loop = LoopState(**state["loop"])
+        self.rate.state = AdaptiveLRState.from_dict(state["adaptive_lr"])
+        self.before = state["before"]
+        if self.evaluation and state["evaluation"] is not None:
+            self.evaluation.load_state_dict(state["evaluation"])
+        elif self.evaluation:
+            self.evaluation.load_reference(self.evaluation_settings, self.job.ds_config,
+                                           default_model=self.inputs.default_retain_model)
+        self.log.resume(state["log_rows"], purge_step=self.loop.steps_done)
+        self.log.print(f"continuing at step {self.loop.steps_done} of {self.settings.max_steps}")
+
+
+def check_checkpoint_space(built, checkpoints: CheckpointSettings, output_dir: str) -> None:
+    """Refuse before the first step when one checkpoint cannot fit on the output disk.
+
+    The estimate: the fp32 master (4 bytes per trainable parameter) and the optimizer state
+    (8 for Adam's two moments, 4 for SGD's momentum; 8 assumed), 10 % for the rest.
+    """
+    if not checkpoints.enabled:
+        return
+    parameters = sum(p.ds_numel for p in built.model.parameters() if p.requires_grad)
+    needed = int(parameters * (4 + 8) * 1.1)
+    where = Path(output_dir).resolve()
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if free < needed:
+        raise ConfigError(f"--output-dir {output_dir}: one checkpoint of this model needs about "
+                          f"{needed / 2**30:.2f} GiB, {where} has {free / 2**30:.2f} GiB free")
 
 
 def _report(output_dir: str, summary: dict, log) -> None:

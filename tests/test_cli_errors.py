@@ -8,6 +8,7 @@ the checks that need the process group (world size vs batch sizes) run too.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -176,3 +177,49 @@ def test_evaluate_script_refuses_a_missing_retain_model(tmp_path, tiny_assets):
     result = subprocess.run(command, cwd=REPO, env=single_rank_env(), capture_output=True,
                             text=True, timeout=300)
     assert_refused(result, "no_such_retain_model")
+
+
+def test_output_dir_that_is_a_file_is_refused(tmp_path, tiny_assets):
+    (tmp_path / "out").write_text("not a directory")
+    result = run_unlearn(tmp_path, tiny_assets["model"], tiny_assets["data"])
+    assert_refused(result, "--output-dir", "exists and is not a directory")
+    nested = [PYTHON, "launch/unlearn.py", "--deepspeed", str(tmp_path / "ds.json"), "--model",
+              tiny_assets["model"], "--data", tiny_assets["data"], "--output-dir",
+              str(tmp_path / "out" / "run")]
+    result = subprocess.run(nested, cwd=REPO, env=single_rank_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert_refused(result, "is a file, not a directory")
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity"])
+def test_non_finite_number_in_the_json_is_refused(tmp_path, tiny_assets, literal):
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps(GOOD_CONFIG).replace('"lr": 0.1', f'"lr": {literal}'))
+    command = [PYTHON, "launch/unlearn.py", "--deepspeed", str(config), "--model",
+               tiny_assets["model"], "--data", tiny_assets["data"], "--output-dir",
+               str(tmp_path / "out")]
+    result = subprocess.run(command, cwd=REPO, env=single_rank_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert_refused(result, str(config), literal)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--resume", "no_such_checkpoint"], "no such checkpoint"),
+    (["--save-every", "-1"], "--save-every must be >= 0"),
+    (["--keep-last", "0"], "--keep-last must be at least 1"),
+])
+def test_bad_checkpoint_flags(tmp_path, tiny_assets, flags, needle):
+    result = run_unlearn(tmp_path, tiny_assets["model"], tiny_assets["data"], extra=flags)
+    assert_refused(result, needle)
+
+
+def test_forget_examples_in_the_retain_split_are_counted(tmp_path, tiny_assets):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_assets["data"], data)
+    forget = json.loads((data / "forget10.json").read_text())
+    retain = json.loads((data / "retain90.json").read_text())
+    (data / "retain90.json").write_text(json.dumps(retain + forget[:3]))
+    result = run_unlearn(tmp_path, tiny_assets["model"], str(data), extra=["--no-eval"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"warning: 3 of the {len(forget)} forget examples also appear in the retain" in result.stdout

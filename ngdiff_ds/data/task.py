@@ -84,3 +84,9 @@ def load_task(name: str, data: str, split: str, tokenizer, max_length: int, layo
     """Load, validate and tokenise one split (or ``a+b``: several, concatenated) as a task."""
     return task_from_records(name, load_training_records(data, split), split, tokenizer,
                              max_length, layout, seed, note)
+
+
+def shared_examples(first: TaskData, second: TaskData) -> int:
+    """How many examples of ``first`` also appear, token for token, in ``second``."""
+    seen = {(tuple(e["input_ids"]), tuple(e["labels"])) for e in second.examples}
+    return sum((tuple(e["input_ids"]), tuple(e["labels"])) in seen for e in first.examples)

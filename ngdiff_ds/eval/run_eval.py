@@ -78,6 +78,18 @@ class RunEvaluation:
             self.points.append({"label": tag, **summary})
         return summary
 
+    def state_dict(self) -> dict:
+        """What a checkpoint carries: the columns and points so far, and the reference."""
+        reference = None if self.reference is None else {
+            "forget_truth_ratios": self.reference.forget_truth_ratios,
+            "mia_auc": self.reference.mia_auc}
+        return {"columns": self.columns, "points": self.points, "reference": reference}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.columns, self.points = dict(state["columns"]), list(state["points"])
+        reference = state["reference"]
+        self.reference = None if reference is None else Reference(**reference)
+
     def finish(self) -> None:
         """Print the table of every column; rank 0 plots the trajectory."""
         self.log.print("\nTOFU and MUSE metrics (one column per model or evaluation point):\n"
