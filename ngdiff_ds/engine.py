@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,15 +137,32 @@ def save_hf_model(built: TrainingEngine, tokenizer, out_dir: str | Path) -> None
     Rank 0 writes into a temporary sibling directory and renames it into place, so a crash
     while saving never leaves a half-written model where a finished one is expected.
     """
-    out_dir = Path(out_dir)
     state_dict = consolidated_state_dict(built.engine)
     if is_main_process():
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-        built.model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+        with staged_directory(out_dir) as staging:
+            built.model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+    barrier()
+
+
+@contextmanager
+def staged_directory(out_dir: str | Path):
+    """A temporary sibling of ``out_dir`` to write into: renamed to ``out_dir`` (replacing it)
+    when the block succeeds, removed when it fails, so a crash never leaves a half-written
+    directory where a finished one is expected. Its mode follows the umask, as a plain
+    ``mkdir`` would (``mkdtemp`` alone makes it private to its owner)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
+    try:
+        yield staging
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)
-    barrier()
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
