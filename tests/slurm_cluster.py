@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import cpu_env, free_port
+from tests.conftest import cpu_env, free_port, skip_or_fail
 
 VENV_BIN = str(Path(sys.executable).parent)
 MARKER = "NGDIFF_TEST_SLURM_CLUSTER"
@@ -267,7 +267,7 @@ def slurm_cluster(tmp_path_factory):
     Tests that submit jobs should cancel them when they end (``cancel_all``), also on failure."""
     reason = why_no_slurm()
     if reason:
-        pytest.skip(reason)
+        skip_or_fail(reason)
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
     try:
         cluster.start()

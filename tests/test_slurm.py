@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import PYTHON, REPO, cpu_env, run_deepspeed
+from tests.conftest import PYTHON, REPO, cpu_env, run_deepspeed, skip_or_fail
 from tests.slurm_cluster import clean_env, slurm_cluster  # noqa: F401  (a fixture)
 
 SCRIPT = "launch/slurm/unlearn.sbatch"
@@ -87,9 +87,10 @@ def _train_steps(directory: Path) -> list[int]:
     return [row["step"] for row in rows if row["kind"] == "train"]
 
 
-@pytest.mark.skipif(shutil.which("scontrol") is None, reason="needs Slurm's scontrol")
 def test_the_wrapper_exports_each_ranks_place(tmp_path):
     """srun_rank.sh alone, with the variables srun sets for task 5 of 4+5+3 tasks on 3 nodes."""
+    if shutil.which("scontrol") is None:
+        skip_or_fail("needs Slurm's scontrol")
     conf = tmp_path / "slurm.conf"  # scontrol's hostlist expansion reads a configuration
     conf.write_text("ClusterName=x\nSlurmctldHost=localhost\n")
     slurm = {"SLURM_CONF": conf, "SLURM_JOB_ID": 123, "SLURM_PROCID": 5, "SLURM_NTASKS": 12,
