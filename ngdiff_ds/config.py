@@ -198,3 +198,28 @@ def inference_config(derived: dict) -> dict:
         config.pop(key, None)
     config.get("zero_optimization", {}).pop("offload_optimizer", None)
     return config
+
+
+def layout_for_global_batch(layout: BatchLayout, global_batch: int) -> BatchLayout:
+    """``layout`` with as many micro-batches per step as make ``global_batch`` examples per
+    task on this world size (a resumed run must keep its checkpoint's global batch).
+
+    The micro-batch size stays (it is what fits in memory); raises ConfigError naming the
+    sizes that work when ``global_batch`` is not a multiple of micro-batch x world size.
+    """
+    if layout.global_batch_size == global_batch:
+        return layout
+    per_step = layout.micro_batch_size * layout.world_size
+    if global_batch % per_step == 0:
+        return BatchLayout(layout.micro_batch_size, global_batch // per_step, layout.world_size)
+    micro_sizes = [m for m in range(1, global_batch + 1)
+                   if global_batch % (m * layout.world_size) == 0]
+    worlds = [w for w in range(1, global_batch + 1) if global_batch % (w * layout.micro_batch_size) == 0]
+    hint = (f"micro-batch sizes that work on {layout.world_size} rank(s): "
+            f"{', '.join(map(str, micro_sizes))}" if micro_sizes
+            else f"{layout.world_size} ranks cannot split it evenly")
+    raise ConfigError(
+        f"the checkpoint's global batch is {global_batch} examples per task, which micro-batches "
+        f"of {layout.micro_batch_size} on {layout.world_size} rank(s) cannot make; {hint} "
+        f"(--micro-batch-size), or rank counts that work with micro-batch "
+        f"{layout.micro_batch_size}: {', '.join(map(str, worlds)) or 'none'}")

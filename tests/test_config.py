@@ -83,3 +83,20 @@ def test_shipped_configs_are_valid():
         config = json.loads(path.read_text())
         layout = validate_ds_config(config, str(path), world_size=8)
         assert layout.micro_batch_size >= 1, path
+
+
+def test_layout_for_a_checkpoints_global_batch():
+    from ngdiff_ds.config import layout_for_global_batch
+
+    two_ranks = BatchLayout(micro_batch_size=2, micro_batches_per_step=1, world_size=2)
+    assert layout_for_global_batch(two_ranks, 4) is two_ranks
+    one_rank = BatchLayout(micro_batch_size=2, micro_batches_per_step=1, world_size=1)
+    assert layout_for_global_batch(one_rank, 4) == BatchLayout(2, 2, 1)  # 2 micro-batches
+    assert layout_for_global_batch(BatchLayout(2, 3, 4), 16) == BatchLayout(2, 2, 4)
+    with pytest.raises(ConfigError) as error:
+        layout_for_global_batch(BatchLayout(4, 1, 3), 4)
+    message = str(error.value)
+    assert "global batch is 4" in message and "cannot split it evenly" in message
+    assert "rank counts that work with micro-batch 4: 1" in message
+    with pytest.raises(ConfigError, match="micro-batch sizes that work on 2 rank"):
+        layout_for_global_batch(BatchLayout(4, 1, 2), 6)
