@@ -160,7 +160,8 @@ class Checkpointer:
         barrier()  # every rank's files are on disk: only now may the checkpoint count
         if is_main_process():
             manifest = {"format": FORMAT_VERSION, "tag": tag, "steps_done": steps_done,
-                        "world_size": world_size, "files": _files_of(tag_dir)}
+                        "world_size": world_size, "identity": client_state.get("identity"),
+                        "files": _files_of(tag_dir)}
             _write_atomic(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
             _write_atomic(self.root / "latest", tag)
             self._prune()
@@ -205,19 +206,61 @@ class Checkpointer:
             return None
         raise ConfigError(f"--resume {root}: no complete checkpoint in it")
 
-    def load(self, built, tag_dir: Path) -> dict:
-        """Load weights, optimizer state and this rank's RNG state; return the client state."""
-        _, world_size = rank_and_world_size()
+    def to_universal(self, tag_dir: Path, optimizer_type: str) -> Path:
+        """Convert ``tag_dir`` to DeepSpeed's universal checkpoint (rank 0; collective), for a
+        resume on another number of ranks; returns the converted step directory.
+
+        The conversion knows Adam's two moments only (``exp_avg``, ``exp_avg_sq``): an SGD
+        checkpoint (momentum) is refused.
+        """
+        if optimizer_type not in ("Adam", "AdamW"):
+            raise ConfigError(
+                f"checkpoint {tag_dir} was written by {read_manifest(tag_dir)['world_size']} "
+                f"rank(s): resuming it on another number needs DeepSpeed's universal conversion, "
+                f"which knows Adam/AdamW state only (this run's optimizer is {optimizer_type}); "
+                "resume on the original number of ranks")
+        universal = self.root / ".universal" / tag_dir.name
+        if is_main_process():
+            from argparse import Namespace
+
+            from deepspeed.checkpoint import ds_to_universal
+
+            shutil.rmtree(universal.parent, ignore_errors=True)
+            universal.parent.mkdir(parents=True)
+            # Plain file I/O on rank 0; one worker each: no process pool.
+            ds_to_universal.main(Namespace(
+                input_folder=str(tag_dir), output_folder=str(universal), num_extract_workers=1,
+                num_merge_workers=1, keep_temp_folder=False, strict=True,
+                inject_missing_state=False))
+        barrier()
+        return universal
+
+    def load(self, built, tag_dir: Path, universal: Path | None = None) -> dict:
+        """Load weights, optimizer state and this rank's RNG state; return the client state.
+
+        ``universal``: ``tag_dir`` converted by ``to_universal`` (the engine was built with
+        ``checkpoint.load_universal``); each rank then takes the RNG state of the saved rank
+        ``rank % saved_world_size``.
+        """
+        rank, world_size = rank_and_world_size()
         saved_world = read_manifest(tag_dir)["world_size"]
-        if saved_world != world_size:
+        if saved_world != world_size and universal is None:
             raise ConfigError(f"checkpoint {tag_dir} was written by {saved_world} rank(s), this "
                               f"job has {world_size}")
+        source = universal or tag_dir
         load_path, client_state = built.engine.load_checkpoint(
-            str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
+            str(source.parent), tag=source.name, load_optimizer_states=True,
             load_lr_scheduler_states=False)
         if load_path is None:
-            raise ConfigError(f"DeepSpeed could not load checkpoint {tag_dir}")
-        rank, _ = rank_and_world_size()
-        _set_rng_state(torch.load(tag_dir / f"rng_rank{rank}.pt", weights_only=False))
-        self.log.print(f"resumed from checkpoint {tag_dir}")
+            raise ConfigError(f"DeepSpeed could not load checkpoint {source}")
+        if universal is not None:
+            built.partitions.separate_step_counters()
+            barrier()
+            if is_main_process():
+                shutil.rmtree(universal.parent, ignore_errors=True)
+        rng_file = tag_dir / f"rng_rank{rank % saved_world}.pt"
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+        self.log.print(f"resumed from checkpoint {tag_dir}"
+                       + (f" ({saved_world} rank(s) -> {world_size}, through DeepSpeed's "
+                          "universal checkpoint)" if universal is not None else ""))
         return client_state["ngdiff"]

@@ -163,10 +163,13 @@ def _target_nlls(built, inputs: Inputs, batch_size: int) -> dict[str, float]:
             for name, task in (("forget_nll", inputs.forget), ("retain_nll", inputs.retain))}
 
 
-def _build(job: Job, inputs: Inputs, rate: AdaptiveLRConfig):
+def _build(job: Job, inputs: Inputs, rate: AdaptiveLRConfig, universal: bool = False):
     from ngdiff_ds.engine import build_engine
 
-    built = build_engine(inputs.model, job.ds_config)
+    ds_config = job.ds_config
+    if universal:  # the checkpoint to load is in DeepSpeed's universal format
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    built = build_engine(inputs.model, ds_config)
     if rate.enabled and built.partitions.flat_grad.dtype != torch.float32:
         # The probes keep theta_old and the step in the gradient buffer: in bf16, noise.
         raise ConfigError(f"{job.settings.deepspeed}: the adaptive learning rate needs fp32 "
@@ -204,9 +207,11 @@ class _Run:
         self.job, self.settings, self.log = job, settings, job.log
         self.rate_config, self.evaluation_settings = rate_config, evaluation_settings
         self.forget_split, self.retain_split = forget_split, retain_split
-        self.inputs = _load_inputs(job, forget_split, retain_split)
-        self.built = _build(job, self.inputs, rate_config)
         self.checkpointer = Checkpointer(checkpoints, settings.output_dir, job.log)
+        self.resume_from = self.checkpointer.find_resume()
+        self.universal = self._prepare_reshape() if self.resume_from is not None else None
+        self.inputs = _load_inputs(job, forget_split, retain_split)
+        self.built = _build(job, self.inputs, rate_config, universal=self.universal is not None)
         check_checkpoint_space(self.built, checkpoints, settings.output_dir)
         self.evaluation = RunEvaluation(
             evaluation_settings, self.inputs.data, first_split(forget_split),
@@ -231,11 +236,10 @@ class _Run:
                   f"({len(inputs.retain.examples)}), {rank_and_world_size()[1]} rank(s), global "
                   f"batch {self.job.layout.global_batch_size} per task, {settings.max_steps} "
                   f"steps, combine {settings.combine}, forget loss {settings.forget_loss}")
-        resume_from = self.checkpointer.find_resume()
-        if resume_from is None:
+        if self.resume_from is None:
             self._start_fresh()
         else:
-            self._resume(resume_from)
+            self._resume(self.resume_from)
         preemption.install()
         run_unlearning(
             built, inputs.forget, inputs.retain, self.method, self.rate, settings.max_steps, log,
@@ -286,10 +290,29 @@ class _Run:
             self.checkpointer.save(self.built, self.inputs.tokenizer, loop.steps_done,
                                    self._client_state())
 
+    def _prepare_reshape(self) -> Path | None:
+        """A checkpoint of another number of ranks: keep its global batch (more or fewer
+        micro-batches per step) and convert it to DeepSpeed's universal checkpoint."""
+        from ngdiff_ds.checkpoint import read_manifest
+        from ngdiff_ds.config import layout_for_global_batch
+
+        manifest = read_manifest(self.resume_from)
+        world_size = rank_and_world_size()[1]
+        if manifest["world_size"] == world_size:
+            return None
+        global_batch = manifest["identity"]["global_batch_per_task"]
+        self.job.layout = layout_for_global_batch(self.job.layout, global_batch)
+        self.log.print(f"checkpoint {self.resume_from} was written by {manifest['world_size']} "
+                       f"rank(s), this job has {world_size}: global batch {global_batch} kept as "
+                       f"{self.job.layout.micro_batches_per_step} micro-batch(es) of "
+                       f"{self.job.layout.micro_batch_size} per rank and task")
+        return self.checkpointer.to_universal(self.resume_from,
+                                              self.job.raw_config["optimizer"]["type"])
+
     def _resume(self, tag_dir: Path) -> None:
         from ngdiff_ds.adaptive_lr import AdaptiveLRState
 
-        state = self.checkpointer.load(self.built, tag_dir)
+        state = self.checkpointer.load(self.built, tag_dir, universal=self.universal)
         changed = {k: (v, state["identity"].get(k)) for k, v in self._identity().items()
                    if state["identity"].get(k) != v}
         if changed:

@@ -142,6 +142,20 @@ class ZeroPartitions:
         if dist.is_initialized() and dist.get_world_size(self.optimizer.dp_process_group) > 1:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.optimizer.dp_process_group)
 
+    @torch.no_grad()
+    def separate_step_counters(self) -> None:
+        """Give every sub-group its own optimizer ``step`` tensor.
+
+        DeepSpeed's universal-checkpoint loader for stage 3 puts ONE ``step`` tensor object
+        into the torch optimizer's state of every sub-group
+        (``optimizer.optimizer.state[fp32_partitioned_groups_flat[i]]``); torch's Adam adds 1
+        to it in place once per sub-group, so with n sub-groups it would count n per step.
+        """
+        state = self.optimizer.optimizer.state
+        for flat in self.optimizer.fp32_partitioned_groups_flat:
+            if torch.is_tensor(state.get(flat, {}).get("step")):
+                state[flat]["step"] = state[flat]["step"].clone()
+
     # ----- weights (for the learning-rate probes) --------------------------------------
     @property
     def master_weights(self) -> list[torch.Tensor]:

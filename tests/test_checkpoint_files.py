@@ -118,3 +118,9 @@ def test_rng_states_round_trip():
     torch.rand(5)
     _set_rng_state(state)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_another_rank_count_needs_adam_state(tmp_path):
+    tag = fake_checkpoint(tmp_path / "checkpoints", 4)
+    with pytest.raises(ConfigError, match="knows Adam/AdamW state only.*SGD"):
+        Checkpointer(CheckpointSettings(resume="auto"), tmp_path, Log()).to_universal(tag, "SGD")
