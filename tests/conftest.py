@@ -23,8 +23,10 @@ def free_port() -> int:
 
 
 def cpu_env(**extra) -> dict:
-    """Environment for DeepSpeed on CPU (gloo), quiet, offline."""
+    """Environment for DeepSpeed on CPU (gloo), quiet, offline, with the venv's bin first on
+    PATH (another ninja would rebuild DeepSpeed's CPU extension: shared/cluster.md)."""
     env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(PYTHON).parent), env.get("PATH", "")])
     env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
     env.update({k: str(v) for k, v in extra.items()})
