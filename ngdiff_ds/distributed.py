@@ -30,9 +30,10 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
     """
     import deepspeed
 
-    from ngdiff_ds.zero3 import check_deepspeed_version
+    from ngdiff_ds.zero3 import check_deepspeed_version, skip_cpu_shared_memory_allreduce
 
     check_deepspeed_version()
+    skip_cpu_shared_memory_allreduce()
     # DeepSpeed's MPI discovery (plain mpirun) overwrites MASTER_PORT with its own default:
     # hand it the user's, so that MASTER_PORT=N works under mpirun too.
     port = int(os.environ["MASTER_PORT"]) if os.environ.get("MASTER_PORT", "").isdigit() \

@@ -52,6 +52,29 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(numbers)
 
 
+def skip_cpu_shared_memory_allreduce() -> None:
+    """On the CPU accelerator, keep DeepSpeed from building and starting its shared-memory
+    all-reduce (op ``deepspeed_shm_comm``); call before ``deepspeed.init_distributed``.
+
+    ``comm.torch.TorchBackend.__init__`` builds that op whenever
+    ``deepspeed.ops.__compatible_ops__`` (a dict computed once per process, which DeepSpeed
+    keeps so that edits persist) marks it compatible, and each rank then creates a 66 MB
+    ``/dev/shm/deepspeed_allreduce_buffer_*`` segment that nothing ever unlinks (its
+    ``shared_close`` has no caller): every CPU job leaks it, until ``/dev/shm`` fills the
+    machine's memory. Only ``inference_all_reduce`` (tensor-parallel inference) uses it;
+    ZeRO-3 training and our collectives go through ``torch.distributed``. Skipping it also
+    saves the op's first-time compile (minutes on a small CPU).
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 def check_deepspeed_version(version: str | None = None) -> None:
     """Refuse a DeepSpeed outside the tested range: we read its private stage-3 state."""
     if version is None:

@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -45,37 +44,6 @@ def run_deepspeed(num_ranks: int, script: str, args: list[str], timeout: float =
     command = [DEEPSPEED, "--num_gpus", str(num_ranks), "--master_port", str(free_port()), script, *args]
     return subprocess.run(command, cwd=REPO, env=cpu_env(**env), capture_output=True, text=True,
                           timeout=timeout)
-
-
-# A JIT build killed half-way leaves its lock file, and every later build waits on it forever.
-STALE_BUILD_LOCK_S = 30 * 60
-
-
-@pytest.fixture(scope="session", autouse=True)
-def deepspeed_cpu_ops_built(request):
-    """Build DeepSpeed's CPU communication op (``deepspeed_shm_comm``) once, before any test.
-
-    Every process that initialises DeepSpeed on CPU loads it, and on a fresh venv the first one
-    compiles it: about 5 minutes on 2 cores. Inside a test's subprocess that compile would run
-    into the test's timeout, be killed, and leave a lock that hangs every later job; here it
-    runs once, with no timeout, saying what it does.
-    """
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    from deepspeed.accelerator import get_accelerator
-    from torch.utils.cpp_extension import _get_build_directory
-
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    build_dir = Path(_get_build_directory(builder.name, verbose=False))
-    lock = build_dir / "lock"
-    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_BUILD_LOCK_S:
-        lock.unlink()  # no compile of this op takes half an hour: its builder was killed
-    built = any(build_dir.glob("*.so"))
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled():
-        if not built:
-            print(f"\nbuilding DeepSpeed's {builder.name} op once into {build_dir} "
-                  "(a few minutes on 2 cores)...", flush=True)
-        builder.load(verbose=False)
 
 
 @pytest.fixture(scope="session")
