@@ -1,19 +1,20 @@
 """Checkpoints and exact resume through the real CLI on 2 ranks (AdamW, adaptive rate on).
 
-The reference is the same command run without interruption: a run stopped by SIGKILL (and,
-separately, by SIGTERM) and continued with ``--resume auto`` must write the same per-step rows
-(timings aside) and bit-identical final weights. The adaptive rate fits after steps 1 and 9,
-so one fit lies after every resume point.
+The reference is the same command run without interruption. A run killed by SIGKILL while it
+writes a checkpoint, and a run stopped by SIGTERM (signalled again during its save), each
+continued with ``--resume auto``, must write the same per-step rows (timings aside) and
+bit-identical final weights; tests/plugin_slow_save.py holds the write open. The adaptive
+rate fits after steps 1 and 9, so one fit lies after every resume point.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -42,14 +43,13 @@ def _command(tmp_path, tiny_assets, out, *extra):
             "--eval-batch-size", "8", *extra]
 
 
-def _run(command, timeout=600):
-    result = subprocess.run(command, cwd=REPO, env=cpu_env(), capture_output=True, text=True,
-                            timeout=timeout)
-    return result
+def _run(command, timeout=600, **env):
+    return subprocess.run(command, cwd=REPO, env=cpu_env(**env), capture_output=True, text=True,
+                          timeout=timeout)
 
 
-def _start(command):
-    return subprocess.Popen(command, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
+def _start(command, **env):
+    return subprocess.Popen(command, cwd=REPO, env=cpu_env(**env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -87,13 +87,21 @@ def _assert_same_run(out, reference):
 def uninterrupted(tiny_assets, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("whole")
     out = tmp_path / "out"
-    result = _run(_command(tmp_path, tiny_assets, out))
+    command = _command(tmp_path, tiny_assets, out)
+    result = _run(command)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out
+    return out, command[command.index("--master_port") + 1]
+
+
+def test_a_finished_job_leaves_no_shared_memory_behind(uninterrupted):
+    """DeepSpeed's CPU shared-memory all-reduce (66 MB of /dev/shm per rank, never unlinked)
+    is not started: a suite of jobs would otherwise fill the machine's memory."""
+    _, port = uninterrupted
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def test_checkpoints_are_deepspeed_layout_and_pruned(uninterrupted):
-    root = uninterrupted / "checkpoints"
+    root = uninterrupted[0] / "checkpoints"
     # --keep-last 2 of step 4, 6 (evaluation), 8, 12 (save-every and the end)
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step000008", "step000012"]
     assert (root / "latest").read_text() == "step000012"
@@ -105,43 +113,59 @@ def test_checkpoints_are_deepspeed_layout_and_pruned(uninterrupted):
     assert (newest / "hf" / "config.json").is_file() and (newest / "ngdiff_checkpoint.json").is_file()
 
 
-def test_sigkill_then_resume_auto_is_bit_identical(tiny_assets, tmp_path, uninterrupted):
-    out = tmp_path / "out"
-    command = _command(tmp_path, tiny_assets, out)
-    process = _start(command)
-    _wait_for_checkpoint(out, process)
+def _wait_for_file(path, process, timeout=300):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert time.time() < deadline, f"no {path} within {timeout} s"
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        time.sleep(0.1)
+
+
+def test_sigkill_during_a_checkpoint_write_then_resume_auto_is_bit_identical(
+        tiny_assets, tmp_path, uninterrupted):
+    out, control = tmp_path / "out", tmp_path / "control"
+    control.mkdir()
+    # Both ranks stop half-way through their optimizer-state file of step 8 (4 and 6 are
+    # complete): the kill lands during a real checkpoint write.
+    (control / "arm").write_text("hang step000008")
+    command = _command(tmp_path, tiny_assets, out, "--plugin", "tests/plugin_slow_save.py")
+    process = _start(command, SLOW_SAVE_DIR=control)
+    _wait_for_file(control / "in_save", process)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=60)
-    # A kill landing during a checkpoint write leaves a step directory without its manifest
-    # (and a file cut short); it must be skipped with a message, the previous one used.
-    newest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text()
-    torn = out / "checkpoints" / "step000011"
-    shutil.copytree(newest, torn)
-    (torn / "ngdiff_checkpoint.json").unlink()
-    optim = sorted(torn.glob("*optim_states.pt"))[0]
-    optim.write_bytes(optim.read_bytes()[:100])
-    result = _run(command)
+    checkpoints = out / "checkpoints"
+    torn = checkpoints / "step000008"
+    assert sorted(torn.glob("*optim_states.pt")) and not (torn / "ngdiff_checkpoint.json").exists()
+    assert (checkpoints / "latest").read_text() == "step000006"
+    (control / "arm").unlink()
+    result = _run(command, SLOW_SAVE_DIR=control)  # the same command line, as on a requeue
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"skipping checkpoint {torn}" in result.stdout
-    assert f"resumed from checkpoint {newest}" in result.stdout
-    _assert_same_run(out, uninterrupted)
+    assert f"skipping checkpoint {torn}: no manifest" in result.stdout
+    assert f"resumed from checkpoint {checkpoints / 'step000006'}" in result.stdout
+    _assert_same_run(out, uninterrupted[0])
 
 
 def test_sigterm_checkpoints_exits_75_and_resumes(tiny_assets, tmp_path, uninterrupted):
-    out = tmp_path / "out"
-    command = _command(tmp_path, tiny_assets, out)
-    process = _start(command)
+    out, control = tmp_path / "out", tmp_path / "control"
+    control.mkdir()
+    command = _command(tmp_path, tiny_assets, out, "--plugin", "tests/plugin_slow_save.py")
+    process = _start(command, SLOW_SAVE_DIR=control)
     _wait_for_checkpoint(out, process)
     ranks = [p for p in psutil.Process(process.pid).children(recursive=True)
              if any(arg.startswith("--local_rank=") for arg in p.cmdline())]
     assert len(ranks) == 2
+    (control / "arm").write_text("pause 3")  # the next save waits 3 s: time for a 2nd signal
     ranks[0].send_signal(signal.SIGTERM)  # one rank only: the vote must stop both
+    _wait_for_file(control / "in_save", process)
+    for rank in ranks:  # Slurm signals again, and every task: the save must not care
+        rank.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 75, output[-3000:]
     assert "preemption signal" in output
     stopped_at = (out / "checkpoints" / "latest").read_text()
     assert f"checkpoint {out / 'checkpoints' / stopped_at} written" in output
-    result = _run(command)
+    (control / "arm").unlink()
+    result = _run(command, SLOW_SAVE_DIR=control)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"resumed from checkpoint {out / 'checkpoints' / stopped_at}" in result.stdout
-    _assert_same_run(out, uninterrupted)
+    _assert_same_run(out, uninterrupted[0])
