@@ -33,7 +33,7 @@ def _mean_loss(built, micro_batches, loss_fn) -> float:
     with torch.no_grad():
         for batch in micro_batches:
             logits = built.engine(input_ids=batch["input_ids"],
-                                  attention_mask=batch["attention_mask"]).logits
+                                  attention_mask=batch["attention_mask"], use_cache=False).logits
             total += float(loss_fn(logits, batch)) / len(micro_batches)
     return total
 

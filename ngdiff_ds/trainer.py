@@ -54,7 +54,9 @@ def _task_backward(built: TrainingEngine, micro_batches, loss_fn: Loss,
     if weights is None:
         weights = [1.0 / len(micro_batches)] * len(micro_batches)
     for batch, weight in zip(micro_batches, weights):
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # use_cache=False: HF would otherwise build a KV cache that training never reads
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        use_cache=False).logits
         loss = loss_fn(logits, batch) * weight
         engine.backward(loss)
         loss_sum += loss.detach()

@@ -69,8 +69,8 @@ def _lockstep_forwards(engine, examples: list[dict], pad_token_id: int, batch_si
         for indices in _my_batches(len(examples), batch_size):
             batch = collate([examples[i] for i in (indices or [0])], pad_token_id)
             batch = {k: v.to(engine.device) for k, v in batch.items()}
-            logits = engine(input_ids=batch["input_ids"],
-                            attention_mask=batch["attention_mask"]).logits
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            use_cache=False).logits  # one pass: a KV cache is never read
             if indices:  # else the dummy batch only kept this rank in step with the others
                 yield batch, logits, indices
 
