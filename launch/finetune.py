@@ -24,14 +24,17 @@ from ngdiff_ds.cli import build_parser  # noqa: E402
 from ngdiff_ds.errors import exit_on_bad_input  # noqa: E402
 from ngdiff_ds.finetune import FinetuneSettings, finetune  # noqa: E402
 from ngdiff_ds.job import JobSettings  # noqa: E402
+from ngdiff_ds.memory import MemorySettings  # noqa: E402
 from ngdiff_ds.settings import from_args  # noqa: E402
 
 
 def main() -> None:
-    parser = build_parser(__doc__, (JobSettings, None), (FinetuneSettings, "fine-tuning"))
+    parser = build_parser(__doc__, (JobSettings, None), (FinetuneSettings, "fine-tuning"),
+                          (MemorySettings, "memory levers"))
     args = parser.parse_args()
     with exit_on_bad_input():
-        finetune(from_args(JobSettings, args), from_args(FinetuneSettings, args))
+        finetune(from_args(JobSettings, args), from_args(FinetuneSettings, args),
+                 from_args(MemorySettings, args))
 
 
 if __name__ == "__main__":

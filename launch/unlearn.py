@@ -41,6 +41,7 @@ from ngdiff_ds.cli import build_parser  # noqa: E402
 from ngdiff_ds.errors import exit_on_bad_input  # noqa: E402
 from ngdiff_ds.eval.suite import EvalSettings  # noqa: E402
 from ngdiff_ds.job import JobSettings  # noqa: E402
+from ngdiff_ds.memory import MemorySettings  # noqa: E402
 from ngdiff_ds.settings import from_args  # noqa: E402
 from ngdiff_ds.unlearn import UnlearnSettings, unlearn  # noqa: E402
 
@@ -49,13 +50,14 @@ def main() -> None:
     parser = build_parser(__doc__, (JobSettings, None), (UnlearnSettings, "unlearning"),
                           (AdaptiveLRConfig, "adaptive learning rate (GeN parabola fit; on by default)"),
                           (EvalSettings, "TOFU and MUSE evaluation"),
-                          (CheckpointSettings, "checkpoints and resume"))
+                          (CheckpointSettings, "checkpoints and resume"),
+                          (MemorySettings, "memory levers"))
     args = parser.parse_args()
     with exit_on_bad_input():
         settings = from_args(UnlearnSettings, args)
         rate = from_args(AdaptiveLRConfig, args, total_steps=settings.max_steps)
         unlearn(from_args(JobSettings, args), settings, rate, from_args(EvalSettings, args),
-                from_args(CheckpointSettings, args))
+                from_args(CheckpointSettings, args), from_args(MemorySettings, args))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch
 from ngdiff_ds.config import inference_config, uses_bf16
 from ngdiff_ds.distributed import barrier, is_main_process
 from ngdiff_ds.errors import ModelError
+from ngdiff_ds.memory import MemorySettings, apply_memory_levers
 from ngdiff_ds.zero3 import ZeroPartitions, consolidated_state_dict
 
 
@@ -93,12 +94,14 @@ def _load_sharded(model: str, ds_config: dict):
     return module, hf_ds_config
 
 
-def build_engine(model: str, ds_config: dict) -> TrainingEngine:
-    """Load ``model`` straight into ZeRO-3 partitions and wrap it in a DeepSpeed engine."""
+def build_engine(model: str, ds_config: dict, memory: MemorySettings | None = None) -> TrainingEngine:
+    """Load ``model`` straight into ZeRO-3 partitions, apply the memory levers, and wrap it in
+    a DeepSpeed engine."""
     import deepspeed
 
     module, hf_ds_config = _load_sharded(model, ds_config)
     module.train()  # from_pretrained returns eval mode
+    apply_memory_levers(module, memory)
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
                                            config=ds_config)
     return TrainingEngine(engine=engine, partitions=ZeroPartitions(engine), hf_ds_config=hf_ds_config)

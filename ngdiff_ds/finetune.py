@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ngdiff_ds.job import JobSettings, start_job
+from ngdiff_ds.memory import MemorySettings
 from ngdiff_ds.settings import invalid, option
 
 
@@ -26,7 +27,8 @@ class FinetuneSettings:
             invalid(self, "warmup_steps", "must be >= 0")
 
 
-def finetune(job_settings: JobSettings, settings: FinetuneSettings) -> float:
+def finetune(job_settings: JobSettings, settings: FinetuneSettings,
+             memory: MemorySettings | None = None) -> float:
     """Fine-tune ``job_settings.model`` and save it under ``<output-dir>/model``; every rank
     calls it. Returns the last step's training loss."""
     from ngdiff_ds.data.task import load_task
@@ -39,7 +41,7 @@ def finetune(job_settings: JobSettings, settings: FinetuneSettings) -> float:
         model, tokenizer, max_length = job.tokenizer_for(job_settings.model)
         data = load_task("finetune", job_settings.data, "+".join(settings.splits), tokenizer,
                          max_length, job.layout, job_settings.seed, note=job.log.print)
-        built = build_engine(model, job.ds_config)
+        built = build_engine(model, job.ds_config, memory)
         lr = built.engine.optimizer.param_groups[0]["lr"]
         loss = run_finetune(built, data, settings.steps, lr, job.log,
                             warmup_steps=settings.warmup_steps)

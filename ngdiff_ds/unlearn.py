@@ -32,6 +32,7 @@ from ngdiff_ds.errors import ConfigError
 from ngdiff_ds.eval.suite import EvalSettings
 from ngdiff_ds.job import Job, JobSettings, start_job
 from ngdiff_ds.losses import FORGET_LOSSES, RETAIN_LOSSES
+from ngdiff_ds.memory import MemorySettings
 from ngdiff_ds.registry import load_plugin, parse_option_strings
 from ngdiff_ds.settings import invalid, option
 from ngdiff_ds.trainer import LoopState, Method
@@ -163,13 +164,14 @@ def _target_nlls(built, inputs: Inputs, batch_size: int) -> dict[str, float]:
             for name, task in (("forget_nll", inputs.forget), ("retain_nll", inputs.retain))}
 
 
-def _build(job: Job, inputs: Inputs, rate: AdaptiveLRConfig, universal: bool = False):
+def _build(job: Job, inputs: Inputs, rate: AdaptiveLRConfig, memory: MemorySettings | None,
+           universal: bool = False):
     from ngdiff_ds.engine import build_engine
 
     ds_config = job.ds_config
     if universal:  # the checkpoint to load is in DeepSpeed's universal format
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
-    built = build_engine(inputs.model, ds_config)
+    built = build_engine(inputs.model, ds_config, memory)
     if rate.enabled and built.partitions.flat_grad.dtype != torch.float32:
         # The probes keep theta_old and the step in the gradient buffer: in bf16, noise.
         raise ConfigError(f"{job.settings.deepspeed}: the adaptive learning rate needs fp32 "
@@ -179,8 +181,8 @@ def _build(job: Job, inputs: Inputs, rate: AdaptiveLRConfig, universal: bool = F
 
 
 def unlearn(job_settings: JobSettings, settings: UnlearnSettings, rate: AdaptiveLRConfig,
-            evaluation_settings: EvalSettings,
-            checkpoints: CheckpointSettings | None = None) -> dict:
+            evaluation_settings: EvalSettings, checkpoints: CheckpointSettings | None = None,
+            memory: MemorySettings | None = None) -> dict:
     """The unlearning run; every rank calls it. Returns the summary (``summary.json``)."""
     forget_split = settings.forget_split or (
         "forget10+forget10_text" if job_settings.uses_embedded_default else "forget10")
@@ -188,7 +190,7 @@ def unlearn(job_settings: JobSettings, settings: UnlearnSettings, rate: Adaptive
     job = start_job(job_settings, settings.output_dir)
     try:
         run = _Run(job, settings, rate, evaluation_settings, checkpoints or CheckpointSettings(),
-                   forget_split, retain_split)
+                   forget_split, retain_split, memory)
         return run.execute()
     finally:
         job.log.close()
@@ -199,7 +201,7 @@ class _Run:
 
     def __init__(self, job: Job, settings: UnlearnSettings, rate_config: AdaptiveLRConfig,
                  evaluation_settings: EvalSettings, checkpoints: CheckpointSettings,
-                 forget_split: str, retain_split: str):
+                 forget_split: str, retain_split: str, memory: MemorySettings | None = None):
         from ngdiff_ds.checkpoint import Checkpointer
         from ngdiff_ds.eval.run_eval import RunEvaluation
         from ngdiff_ds.lr_probe import AdaptiveRate
@@ -211,7 +213,8 @@ class _Run:
         self.resume_from = self.checkpointer.find_resume()
         self.universal = self._prepare_reshape() if self.resume_from is not None else None
         self.inputs = _load_inputs(job, forget_split, retain_split)
-        self.built = _build(job, self.inputs, rate_config, universal=self.universal is not None)
+        self.built = _build(job, self.inputs, rate_config, memory,
+                            universal=self.universal is not None)
         check_checkpoint_space(self.built, checkpoints, settings.output_dir)
         self.evaluation = RunEvaluation(
             evaluation_settings, self.inputs.data, first_split(forget_split),

@@ -47,6 +47,21 @@ def run_deepspeed(num_ranks: int, script: str, args: list[str], timeout: float =
 
 
 @pytest.fixture(scope="session")
+def cpu_adam_built(request):
+    """DeepSpeed's CPU Adam (the optimizer of ZeRO-Offload), compiled once before the jobs that
+    use it: the first load on a fresh venv compiles it for minutes, which inside a job would
+    run into the job's timeout (and a killed build leaves a lock every later build waits on)."""
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print("\nloading DeepSpeed's CPU Adam (compiled on first use: minutes on 2 cores)...",
+              flush=True)
+        CPUAdamBuilder().load(verbose=False)
+
+
+@pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
     """{'data': dir, 'model': dir} — 10 fictitious authors and a 2-layer Llama (fp32)."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -25,6 +25,7 @@ from ngdiff_ds.distributed import init_distributed  # noqa: E402
 from ngdiff_ds.engine import build_engine, load_tokenizer  # noqa: E402
 from ngdiff_ds.losses import FORGET_LOSSES, RETAIN_LOSSES, gradient_ascent_loss  # noqa: E402
 from ngdiff_ds.lr_probe import AdaptiveRate  # noqa: E402
+from ngdiff_ds.memory import MemorySettings  # noqa: E402
 from ngdiff_ds.run_log import RunLog  # noqa: E402
 from ngdiff_ds.trainer import Method, ngdiff_step, run_unlearning  # noqa: E402
 from ngdiff_ds.zero3 import consolidated_state_dict  # noqa: E402
@@ -86,8 +87,10 @@ def main():
             AdaptiveLRConfig(enabled=False)
         method = Method(NGDIFF.forget_loss, NGDIFF.retain_loss,
                         COMBINE_RULES.bind(scenario.get("combine", "ngdiff")))
+        memory = MemorySettings(gradient_checkpointing=scenario.get("gradient_checkpointing", False))
         for steps in scenario["save_after"]:
-            built = build_engine(args.model, ds_config)
+            built = build_engine(args.model, ds_config, memory)
+            layer_calls = count_mlp_calls(built.model.model.layers[0].mlp)
             rate = RecordingRate(adaptive, built.engine.optimizer.param_groups[0]["lr"], forget,
                                  retain, method, log)
             history = run_unlearning(built, forget, retain, method, rate, steps, log)
@@ -108,8 +111,26 @@ def main():
                 torch.save({k: v.clone() for k, v in state.items()}, out / f"{name}.pt")
                 (out / f"{name}.json").write_text(json.dumps(
                     [dict(s.as_dict(), probe_losses=rate.probe_losses.get(s.step)) for s in history]))
+                (out / f"{name}_layer0_calls.json").write_text(json.dumps(layer_calls[0]))
+                (out / f"{name}_optimizer.json").write_text(
+                    json.dumps(type(built.engine.optimizer.optimizer).__name__))
             del built
     log.close()
+
+
+def count_mlp_calls(mlp) -> list[int]:
+    """Count the runs of the first layer's MLP: activation checkpointing runs it again in the
+    backward pass, which is how a test knows it was on. (Its ``forward`` is wrapped: module
+    forward hooks do not fire when torch's checkpoint recomputes.)"""
+    calls = [0]
+    forward = mlp.forward
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return forward(*args, **kwargs)
+
+    mlp.forward = counted
+    return calls
 
 
 def optimizer_state(engine) -> dict:

@@ -27,6 +27,9 @@ SGD = {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}}
 # noise between shardings into weight differences of ~lr; a larger eps damps only those.
 ADAMW = {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-6,
                                      "weight_decay": 0.01, "torch_adam": True}}
+# DeepSpeed's own CPU Adam (AdamW mode), the optimizer ZeRO-Offload normally runs
+CPU_ADAMW = {"type": "AdamW", "params": {k: v for k, v in ADAMW["params"].items()
+                                         if k != "torch_adam"}}
 GLOBAL_BATCH = 4  # examples of each task per step, in every layout below
 ADAPTIVE = {"period": 1, "smoothing": 0.5, "clip_low": 0.1, "clip_high": 10.0}
 NO_PERSISTENT = {"stage3_param_persistence_threshold": 0}
@@ -42,6 +45,9 @@ TWO_RANK_SCENARIOS = [
     {"name": "adamw", "optimizer": ADAMW, "micro": 2, "accum": 1, "save_after": [1, 3]},
     {"name": "sgd_accum2", "optimizer": SGD, "micro": 1, "accum": 2, "save_after": [3]},
     {"name": "adamw_accum2", "optimizer": ADAMW, "micro": 1, "accum": 2, "save_after": [3]},
+    # activation checkpointing: recomputed layers give the same gradients and step
+    {"name": "adamw_checkpointed", "optimizer": ADAMW, "micro": 2, "accum": 1, "save_after": [3],
+     "gradient_checkpointing": True},
     # adaptive learning rate (GeN): probes after every step
     # (persistence threshold 0: every parameter is released and re-gathered around the probes,
     # as in a large model; the tiny model is otherwise entirely "persistent")
@@ -60,6 +66,8 @@ TWO_RANK_SCENARIOS = [
     {"name": "gen_offload", "optimizer": ADAMW, "micro": 2, "accum": 1, "save_after": [3],
      "adaptive": ADAPTIVE, "zero": {"offload_optimizer": {"device": "cpu"},
                                     "offload_param": {"device": "cpu"}}},
+    {"name": "cpu_adam_offload", "optimizer": CPU_ADAMW, "micro": 2, "accum": 1, "save_after": [3],
+     "zero": {"offload_optimizer": {"device": "cpu"}}},
     {"name": "restore_fp32", "kind": "probe_restore", "optimizer": ADAMW, "micro": 2, "accum": 1,
      "zero": NO_PERSISTENT},
     {"name": "restore_bf16", "kind": "probe_restore", "optimizer": ADAMW, "micro": 2, "accum": 1,
@@ -85,7 +93,7 @@ def _launch(num_ranks, scenarios, tiny_assets, out):
 
 
 @pytest.fixture(scope="module")
-def two_rank_results(tiny_assets, tmp_path_factory):
+def two_rank_results(tiny_assets, tmp_path_factory, cpu_adam_built):
     return _launch(2, TWO_RANK_SCENARIOS, tiny_assets, tmp_path_factory.mktemp("two") / "out")
 
 
@@ -108,7 +116,8 @@ def _assert_same_weights(actual: dict, expected: dict, atol: float, what: str):
 
 @pytest.mark.parametrize("name,optimizer,steps", [
     ("sgd", SGD, 1), ("sgd", SGD, 3), ("adamw", ADAMW, 1), ("adamw", ADAMW, 3),
-    ("sgd_accum2", SGD, 3), ("adamw_accum2", ADAMW, 3),
+    ("sgd_accum2", SGD, 3), ("adamw_accum2", ADAMW, 3), ("adamw_checkpointed", ADAMW, 3),
+    ("cpu_adam_offload", ADAMW, 3),
 ])
 def test_two_ranks_match_single_process_reference(two_rank_results, tiny_assets, name, optimizer, steps):
     state, stats = _load(two_rank_results, name, steps)
@@ -124,6 +133,23 @@ def test_two_ranks_match_single_process_reference(two_rank_results, tiny_assets,
         for key in ("forget_grad_norm", "retain_grad_norm", "forget_loss", "retain_loss"):
             assert got[key] == pytest.approx(want[key], rel=NORM_RTOL), (key, got, want)
         assert got["cosine"] == pytest.approx(want["cosine"], abs=1e-5)
+
+
+def test_offload_ran_deepspeeds_cpu_adam(two_rank_results):
+    """The cpu_adam_offload scenario matches torch AdamW's reference (above) with DeepSpeed's
+    CPU Adam doing the step, not torch's AdamW."""
+    assert json.loads((two_rank_results / "cpu_adam_offload_step3_optimizer.json").read_text()) \
+        == "DeepSpeedCPUAdam"
+
+
+def test_gradient_checkpointing_recomputes_the_layers(two_rank_results):
+    """Its step matches the reference (above); here: it was really on. Each step runs the
+    first layer's MLP once per task, and once more per task when the backward recomputes."""
+    def calls(name):
+        return json.loads((two_rank_results / f"{name}_step3_layer0_calls.json").read_text())
+
+    assert calls("adamw") == 3 * 2
+    assert calls("adamw_checkpointed") == 3 * 2 * 2
 
 
 def test_world_size_invariance(one_rank_results, two_rank_results):
