@@ -25,6 +25,7 @@ setup(
         "rouge-score>=0.1.2",
         "matplotlib>=3.7",  # the forget-quality vs utility plot
         "pyarrow>=14",
+        "peft>=0.13",  # --lora-rank: adapters instead of the full weights
     ],
     extras_require={"test": ["pytest>=8"], "mpi": ["mpich"]},
 )

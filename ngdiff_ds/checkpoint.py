@@ -154,7 +154,10 @@ class Checkpointer:
                                      client_state={"ngdiff": client_state})
         torch.save(_rng_state(), tag_dir / f"rng_rank{rank}.pt")
         if is_main_process():
+            from ngdiff_ds.engine import save_adapter_config
+
             built.model.config.save_pretrained(tag_dir / "hf")
+            save_adapter_config(built, tag_dir / "hf")
             if tokenizer is not None:
                 tokenizer.save_pretrained(tag_dir / "hf")
         barrier()  # every rank's files are on disk: only now may the checkpoint count

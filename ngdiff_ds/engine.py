@@ -23,7 +23,8 @@ import torch
 from ngdiff_ds.config import inference_config, uses_bf16
 from ngdiff_ds.distributed import barrier, is_main_process
 from ngdiff_ds.errors import ModelError
-from ngdiff_ds.memory import MemorySettings, apply_memory_levers
+from ngdiff_ds.memory import (ADAPTER_DIR, MemorySettings, adapter_state_dict, apply_memory_levers,
+                              lora_scale, merged_lora_state_dict)
 from ngdiff_ds.zero3 import ZeroPartitions, consolidated_state_dict
 
 
@@ -70,6 +71,7 @@ class TrainingEngine:
     engine: object
     partitions: ZeroPartitions
     hf_ds_config: object  # must stay referenced while the model lives (transformers keeps a weakref)
+    memory: MemorySettings | None = None  # the levers it was built with (LoRA: how to export)
 
     @property
     def model(self):
@@ -101,10 +103,11 @@ def build_engine(model: str, ds_config: dict, memory: MemorySettings | None = No
 
     module, hf_ds_config = _load_sharded(model, ds_config)
     module.train()  # from_pretrained returns eval mode
-    apply_memory_levers(module, memory)
+    module = apply_memory_levers(module, memory)
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
                                            config=ds_config)
-    return TrainingEngine(engine=engine, partitions=ZeroPartitions(engine), hf_ds_config=hf_ds_config)
+    return TrainingEngine(engine=engine, partitions=ZeroPartitions(engine), hf_ds_config=hf_ds_config,
+                          memory=memory)
 
 
 @dataclass
@@ -143,10 +146,35 @@ def save_hf_model(built: TrainingEngine, tokenizer, out_dir: str | Path) -> None
     state_dict = consolidated_state_dict(built.engine)
     if is_main_process():
         with staged_directory(out_dir) as staging:
-            built.model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+            if built.memory is not None and built.memory.lora_rank:
+                _save_lora_model(built, state_dict, staging)
+            else:
+                built.model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
     barrier()
+
+
+def _save_lora_model(built: TrainingEngine, state_dict: dict, out_dir: Path) -> None:
+    """The merged model (a plain HF directory), and with ``--save-adapter`` the adapter alone
+    in peft's format under ``adapter/``."""
+    from safetensors.torch import save_file
+
+    adapter_config = built.model.peft_config["default"]
+    merged = merged_lora_state_dict(state_dict, lora_scale(adapter_config.to_dict()))
+    built.model.get_base_model().save_pretrained(out_dir, state_dict=merged,
+                                                 safe_serialization=True)
+    if built.memory.save_adapter:
+        adapter_config.save_pretrained(out_dir / ADAPTER_DIR)
+        tensors = {k: v.contiguous() for k, v in adapter_state_dict(state_dict).items()}
+        save_file(tensors, out_dir / ADAPTER_DIR / "adapter_model.safetensors")
+
+
+def save_adapter_config(built: TrainingEngine, directory: Path) -> None:
+    """With LoRA, the adapter config beside a checkpoint's HF config: what an offline export
+    needs to merge the adapters (rank 0)."""
+    if built.memory is not None and built.memory.lora_rank:
+        built.model.peft_config["default"].save_pretrained(directory / ADAPTER_DIR)
 
 
 @contextmanager

@@ -15,6 +15,7 @@ itself is built on the meta device and takes the cast tensors as its parameters.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -24,10 +25,11 @@ import torch
 from ngdiff_ds.checkpoint import MANIFEST, check_complete, step_directories
 from ngdiff_ds.engine import staged_directory
 from ngdiff_ds.errors import ConfigError, DataError
+from ngdiff_ds.memory import ADAPTER_DIR, lora_scale, merged_lora_state_dict
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-_NOT_TOKENIZER = {"config.json", "generation_config.json"}
+_NOT_TOKENIZER = {"config.json", "generation_config.json", ADAPTER_DIR}
 _TAG = re.compile(r"^step\d+$")  # the names tag_of gives
 
 
@@ -141,6 +143,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype=None) -
 
     print(f"consolidating {tag_dir} (DeepSpeed zero_to_fp32)", flush=True)
     state_dict = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    adapter_config = tag_dir / "hf" / ADAPTER_DIR / "adapter_config.json"
+    if adapter_config.is_file():  # a LoRA run: merge as its own export does
+        state_dict = merged_lora_state_dict(state_dict, lora_scale(json.loads(adapter_config.read_text())))
     model = _build_model(config, state_dict, target, tag_dir)
     del state_dict
 

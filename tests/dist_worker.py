@@ -87,10 +87,14 @@ def main():
             AdaptiveLRConfig(enabled=False)
         method = Method(NGDIFF.forget_loss, NGDIFF.retain_loss,
                         COMBINE_RULES.bind(scenario.get("combine", "ngdiff")))
-        memory = MemorySettings(gradient_checkpointing=scenario.get("gradient_checkpointing", False))
+        memory = MemorySettings(gradient_checkpointing=scenario.get("gradient_checkpointing", False),
+                                lora_rank=scenario.get("lora", {}).get("r", 0),
+                                lora_alpha=scenario.get("lora", {}).get("alpha"),
+                                lora_targets=",".join(scenario.get("lora", {}).get("targets", ["q_proj"])))
         for steps in scenario["save_after"]:
             built = build_engine(args.model, ds_config, memory)
-            layer_calls = count_mlp_calls(built.model.model.layers[0].mlp)
+            layer_calls = count_mlp_calls(next(module for name, module in built.model.named_modules()
+                                               if name.endswith("layers.0.mlp")))
             rate = RecordingRate(adaptive, built.engine.optimizer.param_groups[0]["lr"], forget,
                                  retain, method, log)
             history = run_unlearning(built, forget, retain, method, rate, steps, log)

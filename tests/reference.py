@@ -41,7 +41,19 @@ def _make_optimizer(model, optimizer_config: dict):
     params.pop("torch_adam", None)
     kind = optimizer_config["type"]
     cls = {"AdamW": torch.optim.AdamW, "SGD": torch.optim.SGD}[kind]
-    return cls(model.parameters(), **params)
+    return cls([p for p in model.parameters() if p.requires_grad], **params)
+
+
+def _with_lora(model, lora: dict):
+    """peft's LoRA adapters (rank ``r``, scale numerator ``alpha``, on ``targets``), drawn
+    with torch seed 0 as the package draws them; everything else frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"],
+                                                target_modules=lora["targets"],
+                                                lora_dropout=0.0, bias="none"))
 
 
 def _retain_loss_at(model, examples, indices, params, theta, offset=None, scale=0.0) -> float:
@@ -75,8 +87,12 @@ def _fitted_rate(lr: float, losses: list[float], adaptive: dict) -> float:
 
 def reference_run(model_dir: str, data_dir: str, optimizer_config: dict, global_batch: int,
                   steps: int, forget_seed: int = 3, retain_seed: int = 4, max_length: int = 64,
-                  lrs: list[float] | None = None, adaptive: dict | None = None):
+                  lrs: list[float] | None = None, adaptive: dict | None = None,
+                  lora: dict | None = None):
     """Return (state_dict after ``steps`` NGDiff steps, per-step stats dicts).
+
+    ``lora`` (keys r, alpha, targets): train LoRA adapters only (``_with_lora``); the norms
+    and the direction are then those of the adapter gradients.
 
     ``adaptive`` (keys period, smoothing, clip_low, clip_high) turns on the GeN rate with the
     retain loss probed at theta_old - delta, theta_old and theta_old + delta after every
@@ -85,13 +101,15 @@ def reference_run(model_dir: str, data_dir: str, optimizer_config: dict, global_
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.train()
+    if lora is not None:
+        model = _with_lora(model, lora)
     optimizer = _make_optimizer(model, optimizer_config)
     tasks = {}
     for name, split, seed in (("forget", "forget10", forget_seed), ("retain", "retain90", retain_seed)):
         examples, _ = encode_split(tokenizer, load_qa_split(data_dir, split), max_length, split)
         tasks[name] = (examples, StepBatches(len(examples), global_batch, 1, 1, seed))
     stats = []
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
     lr = optimizer.param_groups[0]["lr"]
     for step in range(steps):
         losses, grads = {}, {}
@@ -105,7 +123,7 @@ def reference_run(model_dir: str, data_dir: str, optimizer_config: dict, global_
         retain_norm = grads["retain"].norm().item()
         direction = grads["retain"] / retain_norm + grads["forget"] / forget_norm
         offset = 0
-        for p in model.parameters():
+        for p in params:
             p.grad = direction[offset:offset + p.numel()].view_as(p).to(p.dtype).clone()
             offset += p.numel()
         if lrs is not None:

@@ -30,6 +30,7 @@ ADAMW = {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1
 # DeepSpeed's own CPU Adam (AdamW mode), the optimizer ZeRO-Offload normally runs
 CPU_ADAMW = {"type": "AdamW", "params": {k: v for k, v in ADAMW["params"].items()
                                          if k != "torch_adam"}}
+LORA = {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj", "down_proj"]}
 GLOBAL_BATCH = 4  # examples of each task per step, in every layout below
 ADAPTIVE = {"period": 1, "smoothing": 0.5, "clip_low": 0.1, "clip_high": 10.0}
 NO_PERSISTENT = {"stage3_param_persistence_threshold": 0}
@@ -66,6 +67,9 @@ TWO_RANK_SCENARIOS = [
     {"name": "gen_offload", "optimizer": ADAMW, "micro": 2, "accum": 1, "save_after": [3],
      "adaptive": ADAPTIVE, "zero": {"offload_optimizer": {"device": "cpu"},
                                     "offload_param": {"device": "cpu"}}},
+    # LoRA adapters (peft) only: the partition, the norms and the step cover the adapters
+    {"name": "lora", "optimizer": ADAMW, "micro": 2, "accum": 1, "save_after": [3],
+     "lora": LORA},
     {"name": "cpu_adam_offload", "optimizer": CPU_ADAMW, "micro": 2, "accum": 1, "save_after": [3],
      "zero": {"offload_optimizer": {"device": "cpu"}}},
     {"name": "restore_fp32", "kind": "probe_restore", "optimizer": ADAMW, "micro": 2, "accum": 1,
@@ -117,14 +121,16 @@ def _assert_same_weights(actual: dict, expected: dict, atol: float, what: str):
 @pytest.mark.parametrize("name,optimizer,steps", [
     ("sgd", SGD, 1), ("sgd", SGD, 3), ("adamw", ADAMW, 1), ("adamw", ADAMW, 3),
     ("sgd_accum2", SGD, 3), ("adamw_accum2", ADAMW, 3), ("adamw_checkpointed", ADAMW, 3),
-    ("cpu_adam_offload", ADAMW, 3),
+    ("cpu_adam_offload", ADAMW, 3), ("lora", ADAMW, 3),
 ])
 def test_two_ranks_match_single_process_reference(two_rank_results, tiny_assets, name, optimizer, steps):
     state, stats = _load(two_rank_results, name, steps)
+    lora = LORA if name == "lora" else None
     expected_state, expected_stats = reference_run(tiny_assets["model"], tiny_assets["data"],
-                                                   optimizer, GLOBAL_BATCH, steps)
+                                                   optimizer, GLOBAL_BATCH, steps, lora=lora)
     # The step must actually move the weights, or equality would prove nothing.
-    initial, _ = reference_run(tiny_assets["model"], tiny_assets["data"], optimizer, GLOBAL_BATCH, 0)
+    initial, _ = reference_run(tiny_assets["model"], tiny_assets["data"], optimizer, GLOBAL_BATCH, 0,
+                               lora=lora)
     largest_move = max((expected_state[k] - initial[k]).abs().max().item() for k in initial)
     assert largest_move > 20 * WEIGHT_ATOL, f"reference barely moved ({largest_move})"
     _assert_same_weights(state, expected_state, WEIGHT_ATOL, f"{name} after {steps} step(s)")
@@ -133,6 +139,16 @@ def test_two_ranks_match_single_process_reference(two_rank_results, tiny_assets,
         for key in ("forget_grad_norm", "retain_grad_norm", "forget_loss", "retain_loss"):
             assert got[key] == pytest.approx(want[key], rel=NORM_RTOL), (key, got, want)
         assert got["cosine"] == pytest.approx(want["cosine"], abs=1e-5)
+
+
+def test_lora_trains_the_adapters_only(two_rank_results, tiny_assets):
+    """The LoRA run (matching its reference above) moved adapter weights and nothing else."""
+    state, _ = _load(two_rank_results, "lora", 3)
+    initial, _ = reference_run(tiny_assets["model"], tiny_assets["data"], ADAMW, GLOBAL_BATCH, 0,
+                               lora=LORA)
+    moved = {k for k in initial if not torch.equal(state[k].float(), initial[k].float())}
+    assert moved and all(".lora_A." in k or ".lora_B." in k for k in moved), sorted(moved)[:5]
+    assert any(".lora_B." in k for k in moved)  # B starts at zero: the first step moves it
 
 
 def test_offload_ran_deepspeeds_cpu_adam(two_rank_results):
