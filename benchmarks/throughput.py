@@ -656,7 +656,10 @@ def plan_predictions(model_dir: str, args, micro_batch: int, world_size: int,
                                 micro_batch_size=micro_batch, seq_len=args.seq_len,
                                 grad_accum_steps=args.accum,
                                 gradient_checkpointing=args.gradient_checkpointing,
-                                lr_period=args.period, zero=ZeroAssumptions(**fields))
+                                lr_period=args.period, zero=ZeroAssumptions(**fields),
+                                # torch AdamW: the foreach path on CUDA, single-tensor on CPU
+                                optimizer="torch-foreach" if torch.cuda.is_available()
+                                else "torch-single")
         model = load_model(settings)
     except BadInput as error:  # e.g. a --config the plan does not model
         return {mode: {"error": str(error)} for mode in MODES}

@@ -18,14 +18,17 @@ ceil(numel / N) elements per rank, as ZeRO-3 pads it.
 Memory per GPU, persistent (what the step holds from start to end):
 
 - ``weights``: the forward-weight partition, p * P / N (every parameter, frozen ones too);
-- ``master``: the fp32 master partition, 4 * T / N (0 in fp32 without offload: DeepSpeed uses
-  one tensor for both);
+- ``master``: the fp32 master partition, 4 * T / N, a copy even in fp32 (DeepSpeed 0.19 would
+  share the weight tensor only when a ``torch.device`` equals its device string, which it
+  never does: measured with torch 2.13);
 - ``moments``: Adam's two fp32 moments, 8 * T / N;
 - ``gradients``: the gradient partition, 4 * T / N (fp32: the package sets
   ``grad_accum_dtype: fp32`` under bf16);
 - ``ngdiff_extra``: the captured forget gradient, 4 * T / N, beside the gradient partition on
   the same device (``torch.empty_like`` in ``run_unlearning``); it later holds the probes' step
-  delta, so the adaptive rate costs no more. GDiff has none.
+  delta, so the adaptive rate costs no more. GDiff has none;
+- ``reduce_bucket``: the gradient bucket DeepSpeed allocates at start-up with all
+  ``reduce_bucket_size`` elements in the model dtype, and keeps.
 
 With ``offload`` (``offload_optimizer.device: cpu``) master, moments, gradient partition and the
 NGDiff copy live in host memory, with DeepSpeed's own fp32 copy of the gradient that the CPU
@@ -41,11 +44,13 @@ Memory per GPU, transient (whichever of the two peaks is larger adds to the pers
   the trace (the trace to a parameter's reuse covers the last layers twice: at most half that
   distance), the prefetch bucket (``stage3_prefetch_bucket_size``) and the largest module,
   capped at the whole model (``stage3_max_live_parameters`` only limits prefetching); plus the
-  largest trainable module's full 16-bit gradient before its reduce-scatter and the reduce
-  bucket (``reduce_bucket_size`` elements). ``activations``: below;
+  largest trainable module's full 16-bit gradient before its reduce-scatter. ``activations``:
+  below;
 - during ``engine.step()``, ``step_buffer``: DeepSpeed flattens one sub-group's gradient into
   a new fp32 tensor (``_prepare_fp32_grad_for_sub_group``), 4 * min(``sub_group_size``, T / N),
-  on the GPU when the optimizer is.
+  on the GPU when the optimizer is, plus the optimizer's own temporaries of that size
+  (``--optimizer``: DeepSpeed's fused Adam none, torch AdamW's foreach path on GPU one, its
+  single-tensor path on CPU two; measured on CPU: exactly 3 x 4 T / N at three sizes).
 
 Activations of one forward (h hidden, i intermediate, V vocabulary, L layers; q = heads x
 head_dim; kv' = q under GQA, else kv_heads x head_dim), bytes per token of HF's Llama with
@@ -115,6 +120,8 @@ PROBE_TASKS = 1
 # One all-reduce per step: 3 Gram sums, 2 losses, the token count, the stop vote (trainer.py).
 STEP_ALL_REDUCE_NUMBERS = 7
 ADAM_MOMENTS = 2
+# Partition-sized temporaries the optimizer creates in its step, by implementation.
+OPTIMIZER_TEMPORARIES = {"fused": 0, "torch-foreach": 1, "torch-single": 2}
 
 
 @dataclass(frozen=True)
@@ -297,6 +304,10 @@ class PlanSettings:
     offload: bool = option(False, help="optimizer state on the CPU (offload_optimizer)")
     offload_params: bool = option(False, help="weight partitions on the CPU too (offload_param;"
                                               " needs --offload)")
+    optimizer: str = option("fused", help="the Adam implementation, for its step's temporaries: "
+                                          "fused (DeepSpeed's fused or CPU Adam: none), "
+                                          "torch-foreach (torch AdamW on GPU: one partition), "
+                                          "torch-single (torch AdamW on CPU: two)")
     lora: bool = option(False, help="train LoRA adapters only (the base stays frozen)")
     lora_rank: int = option(8, help="LoRA rank r")
     lora_targets: tuple[str, ...] = option(("q_proj", "k_proj", "v_proj", "o_proj"),
@@ -341,6 +352,8 @@ class PlanSettings:
             invalid(self, "lora_targets", f"must be among {', '.join(LORA_TARGETS)}")
         if not self.modes or not set(self.modes) <= set(MODES):
             invalid(self, "modes", f"must be among {', '.join(MODES)}")
+        if self.optimizer not in OPTIMIZER_TEMPORARIES:
+            invalid(self, "optimizer", f"must be one of {', '.join(OPTIMIZER_TEMPORARIES)}")
 
     @property
     def dtype_bytes(self) -> int:
@@ -466,8 +479,7 @@ def gathered_bytes(tensors: list[Tensor], settings: PlanSettings) -> int:
                + largest_module(tensors))
     trainable = count_parameters(tensors, trainable_only=True)
     gradient = largest_module(tensors, trainable_only=True)
-    bucket = min(zero.reduce_bucket_size, trainable)
-    return p * (persistent + live + gradient + bucket)
+    return p * (persistent + live + gradient)
 
 
 @dataclass(frozen=True)
@@ -477,7 +489,7 @@ class MemoryBreakdown:
     gpu: dict[str, int]
     cpu: dict[str, int]
 
-    PERSISTENT = ("weights", "master", "moments", "gradients", "ngdiff_extra")
+    PERSISTENT = ("weights", "master", "moments", "gradients", "ngdiff_extra", "reduce_bucket")
 
     @property
     def gpu_peak(self) -> int:
@@ -505,19 +517,19 @@ def memory_breakdown(model: Model, settings: PlanSettings, mode: str,
     p = settings.dtype_bytes
     weights = p * _slice_numel(tensors, world_size)
     trainable = _slice_numel(tensors, world_size, _trainable)
-    # fp32 without offload: the master is the forward weight tensor itself (zero3.py).
-    master = 0 if (settings.precision == "fp32" and not settings.offload) else 4 * trainable
-    optimizer_side = {"master": master, "moments": 4 * ADAM_MOMENTS * trainable,
+    optimizer_side = {"master": 4 * trainable, "moments": 4 * ADAM_MOMENTS * trainable,
                       "gradients": 4 * trainable,
                       "ngdiff_extra": 0 if mode == "gdiff" else 4 * trainable}
-    gpu = {"weights": 0 if settings.offload_params else weights}
+    gpu = {"weights": 0 if settings.offload_params else weights,
+           "reduce_bucket": p * settings.zero.reduce_bucket_size}
     cpu = {"weights": weights} if settings.offload_params else {}
     if settings.offload:
         cpu.update(optimizer_side, offload_gradient_copy=4 * trainable)
         gpu.update(dict.fromkeys(optimizer_side, 0), step_buffer=0)
     else:
         gpu.update(optimizer_side,
-                   step_buffer=4 * min(settings.zero.sub_group_size, trainable))
+                   step_buffer=4 * min(settings.zero.sub_group_size, trainable)
+                   * (1 + OPTIMIZER_TEMPORARIES[settings.optimizer]))
     gpu["gathered"] = gathered_bytes(tensors, settings)
     gpu["activations"] = activation_bytes(dims, settings, mode)
     return MemoryBreakdown(gpu=gpu, cpu=cpu)
@@ -627,7 +639,8 @@ def make_plan(settings: PlanSettings) -> dict:
 
 # ----- the table --------------------------------------------------------------------------
 
-_MEMORY_COLUMNS = ("weights", "master", "moments", "gradients", "ngdiff_extra", "gathered",
+_MEMORY_COLUMNS = ("weights", "master", "moments", "gradients", "ngdiff_extra", "reduce_bucket",
+                   "gathered",
                    "activations", "step_buffer")
 
 

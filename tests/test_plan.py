@@ -197,7 +197,20 @@ def test_tiny_memory_by_hand(tmp_path):
     assert memory_breakdown(model, settings, "gdiff", world_size=3).gpu["ngdiff_extra"] == 0
     transient = max(ngdiff["gpu"]["gathered"] + ngdiff["gpu"]["activations"],
                     ngdiff["gpu"]["step_buffer"])
-    assert ngdiff["gpu_peak"] == 1154 + 2308 + 4616 + 2308 + 2308 + transient
+    # the gradient bucket: all reduce_bucket_size (5e7) elements in bf16, allocated at start
+    assert ngdiff["gpu"]["reduce_bucket"] == 2 * 50_000_000
+    assert ngdiff["gpu_peak"] == 1154 + 2308 + 4616 + 2308 + 2308 + 2 * 50_000_000 + transient
+
+
+def test_the_optimizer_step_counts_its_temporaries(tmp_path):
+    """torch AdamW's single-tensor step (CPU) makes two partition-sized temporaries beside
+    DeepSpeed's flat fp32 gradient; its foreach path one; a fused Adam none."""
+    buffers = {}
+    for optimizer in ("fused", "torch-foreach", "torch-single"):
+        settings = tiny_settings(tmp_path, optimizer=optimizer)
+        buffers[optimizer] = memory_breakdown(load_model(settings), settings, "ngdiff",
+                                              world_size=3).gpu["step_buffer"]
+    assert buffers == {"fused": 2308, "torch-foreach": 2 * 2308, "torch-single": 3 * 2308}
 
 
 def test_offload_moves_the_optimizer_side_and_the_copy_to_the_host(tmp_path):
