@@ -1,4 +1,4 @@
-"""The plan (ngdiff_ds/plan.py) against independent counts: DeepSpeed's own ZeRO-3 estimator,
+"""The plan (ngdiff_ds/plan/) against independent counts: DeepSpeed's own ZeRO-3 estimator,
 HF models built on the meta device, published parameter totals, the tensors autograd saves,
 and hand computations; and launch/plan.py's output and refusals. No DeepSpeed launch.
 """
