@@ -74,6 +74,10 @@ class TrainingEngine:
     memory: MemorySettings | None = None  # the levers it was built with (LoRA: how to export)
 
     @property
+    def uses_lora(self) -> bool:
+        return self.memory is not None and self.memory.lora_rank > 0
+
+    @property
     def model(self):
         return self.engine.module
 
@@ -146,7 +150,7 @@ def save_hf_model(built: TrainingEngine, tokenizer, out_dir: str | Path) -> None
     state_dict = consolidated_state_dict(built.engine)
     if is_main_process():
         with staged_directory(out_dir) as staging:
-            if built.memory is not None and built.memory.lora_rank:
+            if built.uses_lora:
                 _save_lora_model(built, state_dict, staging)
             else:
                 built.model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
@@ -173,7 +177,7 @@ def _save_lora_model(built: TrainingEngine, state_dict: dict, out_dir: Path) -> 
 def save_adapter_config(built: TrainingEngine, directory: Path) -> None:
     """With LoRA, the adapter config beside a checkpoint's HF config: what an offline export
     needs to merge the adapters (rank 0)."""
-    if built.memory is not None and built.memory.lora_rank:
+    if built.uses_lora:
         built.model.peft_config["default"].save_pretrained(directory / ADAPTER_DIR)
 
 

@@ -59,6 +59,13 @@ class MemorySettings:
     def target_modules(self) -> list[str]:
         return [name.strip() for name in self.lora_targets.split(",") if name.strip()]
 
+    def lora_identity(self) -> dict | None:
+        """What a checkpoint of these adapters must match to be resumed (None: no LoRA)."""
+        if not self.lora_rank:
+            return None
+        return {"rank": self.lora_rank, "alpha": self.lora_alpha or 2 * self.lora_rank,
+                "targets": sorted(self.target_modules)}
+
     def lora_config(self):
         """peft's LoraConfig for these settings (None without LoRA)."""
         if not self.lora_rank:

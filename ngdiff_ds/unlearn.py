@@ -209,6 +209,7 @@ class _Run:
         self.job, self.settings, self.log = job, settings, job.log
         self.rate_config, self.evaluation_settings = rate_config, evaluation_settings
         self.forget_split, self.retain_split = forget_split, retain_split
+        self.memory = memory
         self.checkpointer = Checkpointer(checkpoints, settings.output_dir, job.log)
         self.resume_from = self.checkpointer.find_resume()
         self.universal = self._prepare_reshape() if self.resume_from is not None else None
@@ -280,7 +281,9 @@ class _Run:
         return {"forget_split": self.forget_split, "retain_split": self.retain_split,
                 "seed": self.job.settings.seed,
                 "global_batch_per_task": self.job.layout.global_batch_size,
-                "forget_loss": self.settings.forget_loss, "combine": self.settings.combine}
+                "forget_loss": self.settings.forget_loss, "combine": self.settings.combine,
+                # the trainable parameters: a LoRA checkpoint holds adapter state only
+                "lora": self.memory.lora_identity() if self.memory else None}
 
     def _client_state(self) -> dict:
         return {"identity": self._identity(), "loop": dataclasses.asdict(self.loop),
@@ -314,13 +317,15 @@ class _Run:
 
     def _resume(self, tag_dir: Path) -> None:
         from ngdiff_ds.adaptive_lr import AdaptiveLRState
+        from ngdiff_ds.checkpoint import read_manifest
 
-        state = self.checkpointer.load(self.built, tag_dir, universal=self.universal)
-        changed = {k: (v, state["identity"].get(k)) for k, v in self._identity().items()
-                   if state["identity"].get(k) != v}
+        # Checked before loading: another run's weights or adapters would fail inside DeepSpeed.
+        saved = read_manifest(tag_dir)["identity"]
+        changed = {k: (v, saved.get(k)) for k, v in self._identity().items() if saved.get(k) != v}
         if changed:
             raise ConfigError(f"checkpoint {tag_dir} belongs to another run: " + ", ".join(
                 f"{k} is {new!r} now but was {old!r}" for k, (new, old) in changed.items()))
+        state = self.checkpointer.load(self.built, tag_dir, universal=self.universal)
         self.loop = LoopState(**state["loop"])
         self.rate.state = AdaptiveLRState.from_dict(state["adaptive_lr"])
         self.before = state["before"]

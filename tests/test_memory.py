@@ -116,3 +116,7 @@ def test_lora_run_exports_merged_weights_everywhere_alike(tmp_path, tiny_assets)
     assert exported.keys() == live.keys()
     for name in live:
         torch.testing.assert_close(exported[name], live[name], rtol=0, atol=1e-6, msg=name)
+    # resuming the LoRA checkpoint without the adapters is another run: refused before loading
+    resumed = _unlearn(tmp_path, tiny_assets, "--max-steps", "3", "--resume", "auto")
+    assert resumed.returncode == 2, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "belongs to another run: lora is None now but was {'rank': 4" in resumed.stderr
