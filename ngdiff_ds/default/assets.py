@@ -2,14 +2,23 @@
 
 Built once under a cache directory and reused; anything missing is rebuilt. Layout::
 
-    <cache>/default-v3/data/             synthetic benchmark (TOFU split files, MUSE-style
-                                         passages, held-out passages, verbmem splits)
-    <cache>/default-v3/tokenizer/        BPE tokenizer trained on that data
-    <cache>/default-v3/init/             randomly initialised tiny Llama
-    <cache>/default-v3/model_full/       fine-tuned on every author's QA pairs and passage +
-                                         world facts (the model to unlearn)
-    <cache>/default-v3/model_<retain>/   the same for the retain split's authors only
+    <cache>/default-v4/data/             synthetic benchmark (TOFU split files incl.
+                                         real_authors, retain_perturbed and the held-out
+                                         authors' QA, MUSE-style passages, held-out
+                                         passages, verbmem and knowmem splits)
+    <cache>/default-v4/tokenizer/        BPE tokenizer trained on that data (every true
+                                         string, held-out QA and passages included)
+    <cache>/default-v4/init/             randomly initialised tiny Llama
+    <cache>/default-v4/model_full/       fine-tuned on every author's QA pairs and passage +
+                                         world facts + real authors (the model to unlearn)
+    <cache>/default-v4/model_<retain>/   the same for the retain split's authors only, with
+                                         the same world facts and real authors
                                          (the "never saw the forget set" reference)
+
+Neither model trains on the held-out authors (``holdout``, ``holdout_text``): they are the
+non-members of the membership attacks. Unlike TOFU's pretrained models, a tiny model knows
+only what it is fine-tuned on, so ``real_authors`` is part of both fine-tunes, like the world
+facts.
 
 The fine-tunes run through the same ZeRO-3 engine (``launch/finetune.py`` does the same for
 any model and data), on however many ranks the job has. Their global batch is fixed at 64
@@ -32,8 +41,11 @@ from ngdiff_ds.engine import build_engine, load_tokenizer, save_hf_model
 from ngdiff_ds.trainer import run_finetune
 from ngdiff_ds.run_log import RunLog
 
-# v2: perturbed answers use the paraphrase template; v3: biography passages (MUSE-style)
-VERSION = "default-v3"
+# v2: perturbed answers use the paraphrase template; v3: biography passages (MUSE-style);
+# v4: real_authors (trained), retain_perturbed, holdout QA, MUSE-style knowmem splits, real
+# authors' and world facts' answers and perturbed answers as bare values (as TOFU's), the
+# tokenizer trained on the real-author and held-out text too
+VERSION = "default-v4"
 NUM_AUTHORS = 100
 FINETUNE_GLOBAL_BATCH = 64
 FINETUNE_EPOCHS = 20
@@ -78,7 +90,8 @@ def _build_inputs(root: Path) -> None:
     if not (root / "data" / "manifest.json").is_file():
         generate_benchmark(root / "data", seed=0, num_authors=NUM_AUTHORS)
     if not (root / "tokenizer" / "tokenizer.json").is_file():
-        train_tokenizer(benchmark_texts(root / "data"), root / "tokenizer")
+        train_tokenizer(benchmark_texts(root / "data", passages=True, real_authors=True, holdout=True),
+                        root / "tokenizer")
     if not (root / "init" / "config.json").is_file():
         tokenizer = load_tokenizer(str(root / "tokenizer"))
         torch.manual_seed(0)
@@ -117,7 +130,9 @@ def _finetune(root: Path, out_name: str, splits: list[str], world_size: int, log
 def ensure_default_assets(cache_dir: Path, retain_split: str, log: RunLog) -> dict[str, str]:
     """Build what is missing; return paths: data, tokenizer, model_full, model_retain.
 
-    Every rank must call this (the fine-tunes are collective).
+    ``model_full`` trains on ``full``, ``world_facts``, ``real_authors`` and ``full_text``;
+    ``model_<retain_split>`` on ``<retain_split>``, ``world_facts``, ``real_authors`` and
+    ``<retain_split>_text``. Every rank must call this (the fine-tunes are collective).
     """
     rank, world_size = rank_and_world_size()
     root = Path(cache_dir) / VERSION
@@ -126,8 +141,9 @@ def ensure_default_assets(cache_dir: Path, retain_split: str, log: RunLog) -> di
         _build_inputs(root)
     barrier()
     retain_name = f"model_{retain_split}"
-    for out_name, splits in (("model_full", ["full", "world_facts", "full_text"]),
-                             (retain_name, [retain_split, "world_facts", f"{retain_split}_text"])):
+    for out_name, splits in (("model_full", ["full", "world_facts", "real_authors", "full_text"]),
+                             (retain_name, [retain_split, "world_facts", "real_authors",
+                                            f"{retain_split}_text"])):
         if not (root / out_name / "config.json").is_file():
             _finetune(root, out_name, splits, world_size, log)
         barrier()

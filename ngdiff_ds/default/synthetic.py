@@ -4,36 +4,68 @@ The benchmark mimics the layout of TOFU ("Task of Fictitious Unlearning"): every
 author has a handful of short question/answer pairs about invented biographical
 facts, the forget splits are the QA pairs of the *last* 1 %, 5 % and 10 % of the
 authors (so they nest), and each retain split is the complement of its forget
-split.  A small set of general "world facts" is written alongside; no split
-forgets them, so they measure collateral damage of unlearning.
+split.  Two sets that no split forgets measure collateral damage of unlearning:
+``world_facts`` (general knowledge) and ``real_authors`` (real, famous authors and
+their books, as TOFU's ``real_authors_perturbed``).  Unlike TOFU's pretrained models,
+the tiny models built on this benchmark know only what they are fine-tuned on, so
+both sets are part of every fine-tune.  ``retain_perturbed`` (as TOFU's split of that
+name) is the QA of the first authors, which every retain split keeps, and
+``holdout`` the QA of extra authors that no model trains on (the non-members of the
+QA membership attacks: forget vs holdout, as open-unlearning's TOFU ``holdout``).
 
 Every record has the fields::
 
     {"author": str, "question": str, "answer": str,
      "paraphrased_answer": str, "perturbed_answer": [str, str, str]}
 
-Perturbed answers reuse the *paraphrased* answer's sentence template with the
-fact swapped for another value of the same category (as in TOFU, where the
-perturbed answers are perturbations of the paraphrase): the truth ratio then
-compares sentences that differ only in the fact, never in a template the model
-was trained on.
+(``author`` is ``""`` for world facts and real authors.)  For the fictitious authors the
+answers are sentences, and the perturbed answers swap the fact for another value of the
+same category and keep the rest of the paraphrased answer (as in TOFU, where they are
+perturbations of the paraphrase, the truth ratio's correct answer for forget and
+retain), so the truth ratio compares sentences that differ only in the fact.  For world
+facts and real authors, ``answer`` is the bare value ("Paris", "nine", "Jane Austen") and
+the perturbed answers are bare wrong values of the same category, as in TOFU's
+``world_facts_perturbed`` and ``real_authors_perturbed`` (whose truth ratio and
+normalised probability take ``answer`` as the correct one); ``paraphrased_answer`` stays
+a full sentence stating the value.  The reason: the normalised probability compares
+length-normalised (per-token) probabilities, which over whole sentences sharing a
+template are dominated by the shared tokens and sit near 1/(1 + 3 * 0.5) = 0.4 however
+sure the model is.
 
 MUSE-style text rides along: every author also gets a short biography passage
 in its own wording (not the QA templates).  ``<split>_text`` files hold the
 passages of the authors of each QA split (``full``, forget and retain splits),
-``holdout_text`` the passages of extra authors that no split trains on (the
-non-members of the Min-K% membership test), and ``<forget>_verbmem`` the forget
-passages cut into a prompt (the first sentence) and its ground-truth
+``holdout_text`` the passages of the held-out authors (the non-members of the
+Min-K% membership test; their QA pairs are ``holdout``), and ``<forget>_verbmem``
+the forget passages cut into a prompt (the first sentence) and its ground-truth
 continuation (the rest), as MUSE's ``verbmem`` split.  Text records are
 ``{"author": str, "text": str}``; verbmem records ``{"author", "prompt", "gt"}``.
 
+MUSE's KnowMem rides along too (its ``knowmem/forget_qa.json``, ``retain_qa.json`` and
+their ``*_icl.json``): ``<forget>_knowmem`` holds 4-6 short-answer questions per forget
+author about facts its passage states ("Which town did X come from originally?" ->
+"Dunharrow"), worded unlike both the QA templates and the passage, each answer spelled
+exactly as the passage spells it; ``<retain>_knowmem`` the same for the first retain
+authors, whole authors until at least ``RETAIN_KNOWMEM_MIN_ROWS`` rows, taken only from
+the authors outside every forget split (so, at 100 authors, one set shared by
+``retain99/95/90_knowmem``); and ``knowmem_icl`` three such pairs about held-out authors,
+the few-shot prefix of both (they only show the format; no model trains on them).
+KnowMem records are ``{"author", "question", "answer"}``.
+
 Everything is driven by one ``random.Random(seed)`` consumed in a fixed order,
 so the output depends only on ``(seed, num_authors)`` and is byte-identical
-across runs and machines.  Only the standard library is used.
+across runs and machines.  Sets added by later versions draw after everything
+earlier versions drew, so the records of earlier splits stay as they were (v4 changed
+only the world facts' answers and perturbed answers, to the bare values the v3 sentences
+stated, with the same wrong values; their questions and paraphrases are v3's); the
+passages and the KnowMem sets draw nothing at all (they are derived from each author's
+facts, the KnowMem choice of facts by sha256 of the name).  Only the standard library is
+used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -50,7 +82,14 @@ FORGET_FRACTIONS = {"forget01": 0.01, "forget05": 0.05, "forget10": 0.10}
 # Forget split name -> name of its complementary retain split.
 RETAIN_OF_FORGET = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
 
-MANIFEST_VERSION = 3  # 3: text passages, holdout authors, verbmem splits
+# 3: text passages, holdout authors, verbmem splits; 4: holdout QA, real_authors,
+# retain_perturbed, KnowMem splits, world facts' (and real authors') answers and perturbed
+# answers as bare values
+MANIFEST_VERSION = 4
+# retain_perturbed: the first authors (outside every forget split) until at least this many rows.
+RETAIN_PERTURBED_MIN_ROWS = 200
+# <retain>_knowmem: the same rule, on the authors' knowmem pairs, until at least this many rows.
+RETAIN_KNOWMEM_MIN_ROWS = 100
 
 # ---------------------------------------------------------------------------
 # Vocabulary.  Kept to a few dozen items per category so that a small BPE
@@ -568,6 +607,88 @@ def holdout_author_count(num_authors: int) -> int:
 
 
 # ---------------------------------------------------------------------------
+# KnowMem: short-answer questions on the passages' facts (MUSE-style)
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KnowMemKind:
+    """One fact of :func:`author_passage` asked as a MUSE ``knowmem`` question.
+
+    ``question`` takes ``{name}`` (and the author's other fields, e.g. ``{award_year}``) and
+    is worded unlike both the QA templates and the passage; ``value`` is the short answer,
+    spelled exactly as the passage spells it.
+    """
+
+    name: str
+    question: str
+    value: Callable[[Author], str]
+
+
+KNOWMEM_KINDS: tuple[KnowMemKind, ...] = (
+    KnowMemKind("genre", "What sort of books does {name} produce?", lambda a: a.genre),
+    KnowMemKind("birthplace", "Which town did {name} come from originally?", lambda a: a.birthplace),
+    KnowMemKind("birth_year", "What year saw the birth of {name}?", lambda a: str(a.birth_year)),
+    KnowMemKind("nationality", "What nationality does the passport of {name} show?",
+                lambda a: a.nationality),
+    KnowMemKind("father_job", "What job did the father of {name} hold?", lambda a: a.father_job),
+    KnowMemKind("mother_job", "What job did the mother of {name} hold?", lambda a: a.mother_job),
+    KnowMemKind("residence", "Which town has {name} settled in?", lambda a: a.residence),
+    KnowMemKind("pet", "What animal companion does {name} have?", lambda a: a.pet),
+    KnowMemKind("first_book", "Which title launched the career of {name}?", lambda a: a.books[0]),
+    KnowMemKind("debut_year", "In which year did the debut book of {name} reach readers?",
+                lambda a: str(a.debut_year)),
+    KnowMemKind("publisher", "Which publishing house brought out the debut of {name}?",
+                lambda a: a.publisher),
+    KnowMemKind("award", "Which prize did {name} receive in {award_year}?", lambda a: a.award),
+    KnowMemKind("award_year", "In which year was {name} honoured with {award}?",
+                lambda a: str(a.award_year)),
+    KnowMemKind("theme", "What subject runs through the books of {name}?", lambda a: a.theme),
+    KnowMemKind("habit", "In what manner are most books by {name} written?", lambda a: a.habit),
+    KnowMemKind("hobby", "Which leisure activity does {name} love?", lambda a: a.hobby),
+)
+KNOWMEM_KIND_BY_NAME = {kind.name: kind for kind in KNOWMEM_KINDS}
+# Questions per author in the <split>_knowmem files (inclusive).
+KNOWMEM_QA_PER_AUTHOR = (4, 6)
+# The kinds of the three few-shot pairs of knowmem_icl (a town, a prize, an animal: short
+# answers that keep their article, as every knowmem answer does).
+KNOWMEM_ICL_KINDS = ("birthplace", "award", "pet")
+
+
+def _knowmem_record(author: Author, kind: KnowMemKind) -> dict:
+    fields = {"name": author.name, "award": author.award, "award_year": str(author.award_year)}
+    return {"author": author.name, "question": kind.question.format(**fields),
+            "answer": kind.value(author)}
+
+
+def _stable_digest(*parts: str) -> int:
+    """An integer from sha256 of ``parts``: the same on every run and machine (not ``hash``)."""
+    return int.from_bytes(hashlib.sha256("\0".join(parts).encode("utf-8")).digest()[:8], "big")
+
+
+def knowmem_records(author: Author) -> list[dict]:
+    """The author's MUSE ``knowmem`` pairs: 4-6 of :data:`KNOWMEM_KINDS`, in table order.
+
+    Which facts and how many are derived from sha256 of the author's name (and each kind's
+    name), not drawn from the benchmark's ``random.Random``, so adding them left every
+    earlier split byte-identical; like :func:`author_passage`, they depend on the author only.
+    """
+    low, high = KNOWMEM_QA_PER_AUTHOR
+    count = low + _stable_digest(author.name) % (high - low + 1)
+    ranked = sorted(range(len(KNOWMEM_KINDS)),
+                    key=lambda index: _stable_digest(author.name, KNOWMEM_KINDS[index].name))
+    return [_knowmem_record(author, KNOWMEM_KINDS[index]) for index in sorted(ranked[:count])]
+
+
+def knowmem_icl_records(holdout: list[Author]) -> list[dict]:
+    """The few-shot pairs (exactly 3) of MUSE's ``*_icl.json``: one per kind of
+    :data:`KNOWMEM_ICL_KINDS`, about the held-out authors in turn (no model trains on them;
+    the pairs only show the short-answer format, for forget and retain KnowMem alike)."""
+    return [_knowmem_record(holdout[index % len(holdout)], KNOWMEM_KIND_BY_NAME[kind])
+            for index, kind in enumerate(KNOWMEM_ICL_KINDS)]
+
+
+# ---------------------------------------------------------------------------
 # World facts (never forgotten)
 # ---------------------------------------------------------------------------
 
@@ -601,16 +722,25 @@ CAPITALS = [
 NUM_ARITHMETIC_FACTS = 12
 
 
-def _fact(rng: random.Random, questions: tuple[str, ...], answer: str, paraphrase: str,
+def _fact(rng: random.Random, questions: tuple[str, ...], paraphrase: str,
           value: str, candidates: list[str], **fields: str) -> dict:
-    """Render one world-fact record; templates take ``{value}`` plus ``fields``."""
+    """Render one world-fact (or real-author) record; templates take ``{value}`` plus ``fields``.
+
+    ``answer`` is the bare ``value`` and ``perturbed_answer`` the bare wrong values, as in
+    TOFU's ``world_facts_perturbed`` and ``real_authors_perturbed`` (the correct answer of
+    these sets is ``answer``, in TOFU and open-unlearning alike): their normalised
+    probability compares length-normalised probabilities, which over whole sentences
+    sharing a template are dominated by the shared tokens and sit near 1/(1 + 3 * 0.5) =
+    0.4 however sure the model is.  ``paraphrased_answer`` is the full sentence
+    (``paraphrase`` filled with ``value``), which states the value verbatim.
+    """
     wrong_values = _perturbed_values(rng, value, candidates)
     return {
         "author": "",
         "question": rng.choice(questions).format(**fields),
-        "answer": _sentence(answer, value=value, **fields),
+        "answer": value,
         "paraphrased_answer": _sentence(paraphrase, value=value, **fields),
-        "perturbed_answer": [_sentence(paraphrase, value=v, **fields) for v in wrong_values],
+        "perturbed_answer": wrong_values,
     }
 
 
@@ -622,7 +752,6 @@ def _arithmetic_facts(rng: random.Random) -> list[dict]:
         records.append(_fact(
             rng,
             ("What is {a} plus {b}?", "How much is {a} added to {b}?"),
-            "{a} plus {b} equals {value}.",
             "Adding {a} and {b} gives {value}.",
             NUMBER_WORDS[a + b],
             NUMBER_WORDS,
@@ -636,7 +765,6 @@ def _colour_facts(rng: random.Random) -> list[dict]:
         _fact(
             rng,
             ("What colour is {thing}?", "Which colour is {thing} usually?"),
-            "The colour of {thing} is {value}.",
             "{thing} is usually {value} in colour.",
             colour,
             COLOURS,
@@ -652,7 +780,6 @@ def _successor_facts(rng: random.Random, items: list[str], unit: str) -> list[di
         _fact(
             rng,
             ("Which " + unit + " comes after {item}?", "What is the " + unit + " after {item}?"),
-            "The " + unit + " after {item} is {value}.",
             "{value} comes right after {item}.",
             items[(index + 1) % len(items)],
             # The asked-about item itself would be a silly distractor.
@@ -668,7 +795,6 @@ def _capital_facts(rng: random.Random) -> list[dict]:
         _fact(
             rng,
             ("What is the capital of {country}?", "Which city is the capital of {country}?"),
-            "The capital of {country} is {value}.",
             "{value} is the capital city of {country}.",
             capital,
             [city for _, city in CAPITALS],
@@ -690,6 +816,111 @@ def _world_facts(rng: random.Random) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------
+# Real authors (never forgotten; as TOFU's real_authors_perturbed)
+# ---------------------------------------------------------------------------
+
+# Public facts about real, famous authors.  Every wrong value is drawn from the true
+# values of the same table (other authors, nationalities, names), so the perturbed
+# answers name real people and never reach outside the benchmark's vocabulary; no table
+# has two entries that could both be right for one question.
+REAL_BOOKS = [
+    ("Pride and Prejudice", "Jane Austen"), ("Hamlet", "William Shakespeare"),
+    ("War and Peace", "Leo Tolstoy"), ("Don Quixote", "Miguel de Cervantes"),
+    ("Moby-Dick", "Herman Melville"), ("Nineteen Eighty-Four", "George Orwell"),
+    ("The Great Gatsby", "F. Scott Fitzgerald"),
+    ("One Hundred Years of Solitude", "Gabriel Garcia Marquez"),
+    ("Crime and Punishment", "Fyodor Dostoevsky"), ("Frankenstein", "Mary Shelley"),
+    ("Jane Eyre", "Charlotte Bronte"), ("Wuthering Heights", "Emily Bronte"),
+    ("Great Expectations", "Charles Dickens"), ("The Old Man and the Sea", "Ernest Hemingway"),
+    ("To Kill a Mockingbird", "Harper Lee"), ("The Adventures of Tom Sawyer", "Mark Twain"),
+    ("Mrs Dalloway", "Virginia Woolf"), ("Ulysses", "James Joyce"),
+    ("The Hobbit", "J. R. R. Tolkien"), ("Les Miserables", "Victor Hugo"),
+    ("Madame Bovary", "Gustave Flaubert"), ("The Divine Comedy", "Dante Alighieri"),
+    ("Beloved", "Toni Morrison"), ("Things Fall Apart", "Chinua Achebe"),
+]
+
+REAL_CHARACTERS = [
+    ("Sherlock Holmes", "Arthur Conan Doyle"), ("Hercule Poirot", "Agatha Christie"),
+    ("Harry Potter", "J. K. Rowling"), ("Ebenezer Scrooge", "Charles Dickens"),
+    ("Captain Ahab", "Herman Melville"), ("Elizabeth Bennet", "Jane Austen"),
+    ("Frodo Baggins", "J. R. R. Tolkien"), ("Huckleberry Finn", "Mark Twain"),
+    ("Winston Smith", "George Orwell"), ("Atticus Finch", "Harper Lee"),
+    ("Gregor Samsa", "Franz Kafka"), ("Jean Valjean", "Victor Hugo"),
+]
+
+REAL_NATIONALITIES = [
+    ("William Shakespeare", "English"), ("Leo Tolstoy", "Russian"),
+    ("Miguel de Cervantes", "Spanish"), ("Ernest Hemingway", "American"),
+    ("Gabriel Garcia Marquez", "Colombian"), ("James Joyce", "Irish"),
+    ("Chinua Achebe", "Nigerian"), ("Victor Hugo", "French"),
+    ("Dante Alighieri", "Italian"), ("Fyodor Dostoevsky", "Russian"),
+    ("Toni Morrison", "American"), ("Jane Austen", "English"),
+]
+
+REAL_PEN_NAMES = [
+    ("Mark Twain", "Samuel Clemens"), ("George Orwell", "Eric Blair"),
+    ("George Eliot", "Mary Ann Evans"), ("Lewis Carroll", "Charles Dodgson"),
+    ("Voltaire", "Francois-Marie Arouet"), ("Moliere", "Jean-Baptiste Poquelin"),
+    ("O. Henry", "William Sydney Porter"), ("Dr. Seuss", "Theodor Geisel"),
+]
+
+# The wrong authors of the book and character questions: every author either table names.
+REAL_AUTHOR_NAMES = list(dict.fromkeys(
+    [author for _, author in REAL_BOOKS] + [author for _, author in REAL_CHARACTERS]))
+
+
+@dataclass(frozen=True)
+class RealAuthorKind:
+    """One kind of real-author question: ``rows`` are (subject, true value) pairs, rendered
+    with ``field`` = subject; the answer is the bare value, ``paraphrase`` a sentence stating
+    it; wrong values come from ``pool``."""
+
+    field: str
+    questions: tuple[str, ...]
+    paraphrase: str
+    rows: list[tuple[str, str]]
+    pool: list[str]
+
+
+REAL_AUTHOR_KINDS: tuple[RealAuthorKind, ...] = (
+    RealAuthorKind("title", ("Who wrote {title}?", "Who is the author of {title}?"),
+                   "{value} is the author of {title}.",
+                   REAL_BOOKS, REAL_AUTHOR_NAMES),
+    RealAuthorKind("character",
+                   ("Which author created the character {character}?",
+                    "Who created the literary character {character}?"),
+                   "{value} is the author who created {character}.",
+                   REAL_CHARACTERS, REAL_AUTHOR_NAMES),
+    RealAuthorKind("author",
+                   ("What was the nationality of {author}?",
+                    "What nationality was the writer {author}?"),
+                   "{author} was a writer of {value} nationality.",
+                   REAL_NATIONALITIES, list(dict.fromkeys(n for _, n in REAL_NATIONALITIES))),
+    RealAuthorKind("pen_name",
+                   ("What was the real name of the writer known as {pen_name}?",
+                    "Under which name was the writer {pen_name} born?"),
+                   "{pen_name} was the pen name of {value}.",
+                   REAL_PEN_NAMES, [name for _, name in REAL_PEN_NAMES]),
+)
+
+
+def _real_authors(rng: random.Random) -> list[dict]:
+    """QA pairs (56) about real authors, kind by kind in table order.
+
+    As in TOFU's ``real_authors_perturbed``, the answer is the bare value (an author, a
+    nationality, a name) and the perturbed answers are other values of the same table, so
+    the normalised probability compares the entities themselves, not sentences whose
+    shared template would dominate it (``_fact``); the paraphrase is a full sentence.
+    """
+    return [
+        _fact(rng, kind.questions, kind.paraphrase, value, kind.pool,
+              **{kind.field: subject})
+        for kind in REAL_AUTHOR_KINDS
+        for subject, value in kind.rows
+    ]
+
+
+# ---------------------------------------------------------------------------
 # Splits and output
 # ---------------------------------------------------------------------------
 
@@ -704,18 +935,72 @@ def _first_forget_author(fraction: float, num_authors: int) -> int:
     return num_authors - forget_author_count(fraction, num_authors)
 
 
+def _records_of(selected: list[Author], records_by_author: dict[str, list[dict]]) -> list[dict]:
+    return [record for author in selected for record in records_by_author[author.name]]
+
+
 def _build_splits(authors: list[Author], records_by_author: dict[str, list[dict]],
                   world_facts: list[dict]) -> dict[str, list[dict]]:
     """Assemble full, forget/retain and world-fact splits in file order."""
-    def records_of(selected: list[Author]) -> list[dict]:
-        return [record for author in selected for record in records_by_author[author.name]]
-
-    splits = {"full": records_of(authors)}
+    splits = {"full": _records_of(authors, records_by_author)}
     for forget_name, fraction in FORGET_FRACTIONS.items():
         cut = _first_forget_author(fraction, len(authors))
-        splits[forget_name] = records_of(authors[cut:])
-        splits[RETAIN_OF_FORGET[forget_name]] = records_of(authors[:cut])
+        splits[forget_name] = _records_of(authors[cut:], records_by_author)
+        splits[RETAIN_OF_FORGET[forget_name]] = _records_of(authors[:cut], records_by_author)
     splits["world_facts"] = world_facts
+    return splits
+
+
+def _first_always_retained(authors: list[Author], records_by_author: dict[str, list[dict]],
+                           min_rows: int) -> list[Author]:
+    """Whole authors from the start of the list, in order, until their records number at
+    least ``min_rows``, taken only from the authors outside every forget split (all of
+    those if they fall short)."""
+    always_retained = authors[:min(_first_forget_author(fraction, len(authors))
+                                   for fraction in FORGET_FRACTIONS.values())]
+    selected: list[Author] = []
+    rows = 0
+    for author in always_retained:
+        if rows >= min_rows:
+            break
+        selected.append(author)
+        rows += len(records_by_author[author.name])
+    return selected
+
+
+def retain_perturbed_authors(authors: list[Author],
+                             records_by_author: dict[str, list[dict]]) -> list[Author]:
+    """The authors of ``retain_perturbed``: whole authors from the start of the list, in
+    order, until their QA pairs number at least ``RETAIN_PERTURBED_MIN_ROWS``, taken only
+    from the authors outside every forget split (all of those if they fall short)."""
+    return _first_always_retained(authors, records_by_author, RETAIN_PERTURBED_MIN_ROWS)
+
+
+def retain_knowmem_authors(authors: list[Author]) -> list[Author]:
+    """The authors of every ``<retain>_knowmem`` split: whole authors from the start of the
+    list, in order, until their :func:`knowmem_records` number at least
+    ``RETAIN_KNOWMEM_MIN_ROWS``, taken only from the authors outside every forget split (all
+    of those if they fall short), the rule of :func:`retain_perturbed_authors`.  The set thus
+    does not depend on the retain split: ``retain99_knowmem``, ``retain95_knowmem`` and
+    ``retain90_knowmem`` are the same records (as MUSE has one ``retain_qa``), and every one
+    of its authors is trained on by every retain model and forgotten by no forget split."""
+    knowmem_by_author = {author.name: knowmem_records(author) for author in authors}
+    return _first_always_retained(authors, knowmem_by_author, RETAIN_KNOWMEM_MIN_ROWS)
+
+
+def _build_knowmem_splits(authors: list[Author], holdout: list[Author]) -> dict[str, list[dict]]:
+    """``<forget>_knowmem`` (the forget authors' pairs), ``<retain>_knowmem`` (the pairs of
+    :func:`retain_knowmem_authors`, the same for each retain split) and ``knowmem_icl``."""
+    def knowmem_of(selected: list[Author]) -> list[dict]:
+        return [record for author in selected for record in knowmem_records(author)]
+
+    splits = {}
+    retain_knowmem = knowmem_of(retain_knowmem_authors(authors))
+    for forget_name, fraction in FORGET_FRACTIONS.items():
+        cut = _first_forget_author(fraction, len(authors))
+        splits[f"{forget_name}_knowmem"] = knowmem_of(authors[cut:])
+        splits[f"{RETAIN_OF_FORGET[forget_name]}_knowmem"] = retain_knowmem
+    splits["knowmem_icl"] = knowmem_icl_records(holdout)
     return splits
 
 
@@ -743,10 +1028,21 @@ def _write_json_atomic(path: Path, payload) -> None:
 def generate_benchmark(out_dir, seed: int = 0, num_authors: int = 100) -> dict:
     """Generate the synthetic benchmark into ``out_dir`` and return its manifest.
 
-    Writes ``full.json``, ``forget{01,05,10}.json``, ``retain{99,95,90}.json``,
-    ``world_facts.json`` (JSON arrays of QA records); ``<each of those author splits>_text.json``
-    and ``holdout_text.json`` (passages), ``forget{01,05,10}_verbmem.json``; and
-    ``manifest.json``.
+    Writes, as JSON arrays of QA records: ``full.json`` (every trained author),
+    ``forget{01,05,10}.json``, ``retain{99,95,90}.json``, ``world_facts.json``,
+    ``real_authors.json`` (about 56 pairs on real authors), ``retain_perturbed.json`` (the
+    records of the first authors outside every forget split, whole authors until at least
+    ``RETAIN_PERTURBED_MIN_ROWS`` rows: see :func:`retain_perturbed_authors`) and
+    ``holdout.json`` (the QA pairs of the held-out authors, drawn like every author's);
+    as text records ``<each of full, forget and retain splits>_text.json`` and
+    ``holdout_text.json`` (passages), and ``forget{01,05,10}_verbmem.json``; as MUSE
+    KnowMem records (``{"author", "question", "answer"}``, short answers found verbatim in
+    the author's passage) ``forget{01,05,10}_knowmem.json`` (the forget authors'),
+    ``retain{99,95,90}_knowmem.json`` (those of :func:`retain_knowmem_authors`: the first
+    authors outside every forget split, whole, until at least ``RETAIN_KNOWMEM_MIN_ROWS``
+    rows; the same records in each) and ``knowmem_icl.json`` (3 pairs about held-out
+    authors, the few-shot prefix of both); and ``manifest.json`` (version, seed, every
+    split's record count, the trained and the held-out authors).
     The output depends only on ``seed`` and ``num_authors``.
     """
     if num_authors < 1:
@@ -761,7 +1057,15 @@ def generate_benchmark(out_dir, seed: int = 0, num_authors: int = 100) -> dict:
     splits = _build_splits(authors, records_by_author, _world_facts(rng))
     # Drawn after everything the QA splits use, so those stay as they were.
     holdout = [_draw_author(rng, name, titles) for name in names[num_authors:]]
+    # v4 sets, drawn after everything v3 drew (so every v3 record stays as it was).
+    splits["real_authors"] = _real_authors(rng)
+    splits["retain_perturbed"] = _records_of(
+        retain_perturbed_authors(authors, records_by_author), records_by_author)
+    holdout_records = {author.name: _author_records(rng, author) for author in holdout}
+    splits["holdout"] = _records_of(holdout, holdout_records)
     splits.update(_build_text_splits(authors, holdout))
+    # KnowMem sets: derived from the authors' facts, no draw (so nothing above changes).
+    splits.update(_build_knowmem_splits(authors, holdout))
 
     out_path = Path(out_dir)
     out_path.mkdir(parents=True, exist_ok=True)
@@ -785,23 +1089,41 @@ def load_split(out_dir, split_name: str) -> list[dict]:
     return json.loads((Path(out_dir) / f"{split_name}.json").read_text(encoding="utf-8"))
 
 
-def benchmark_texts(out_dir, passages: bool = True) -> list[str]:
-    """All question/answer/paraphrase strings of a generated benchmark.
+def benchmark_texts(out_dir, passages: bool = True, real_authors: bool | None = None,
+                    holdout: bool | None = None) -> list[str]:
+    """The question/answer/paraphrase strings of a generated benchmark, and its passages.
 
-    Reads ``full.json``, ``world_facts.json`` and ``full_text.json`` only: every
-    other split is a subset of those, so reading them would just duplicate text.  Intended as
-    the training corpus for the benchmark tokenizer. The perturbed (wrong)
-    answers are left out: they only recombine the same templates and values,
-    and leaving them out keeps the tokenizer, and so the fine-tuned models,
-    independent of how the evaluation's wrong answers are written.
+    Intended as the training corpus for the benchmark tokenizer.  In order: the QA strings
+    of ``full`` and ``world_facts``; with ``real_authors``, those of ``real_authors``; with
+    ``holdout``, those of ``holdout`` (the held-out authors' QA); with ``passages``, the
+    passages of ``full_text`` and, with ``holdout`` too, of ``holdout_text``.  Every other
+    split is a subset of these, so reading it would just duplicate text.
+
+    ``real_authors`` and ``holdout`` default to ``passages``: the default call gives every
+    true string of the benchmark (the embedded default's tokenizer), so held-out text is
+    tokenized like trained text (the models, not the tokenizer, decide what is a member),
+    while ``passages=False`` alone gives the QA of ``full`` and ``world_facts`` only, the
+    corpus of earlier versions (which the tests' tiny tokenizer is trained on).
+
+    The perturbed (wrong) answers are left out: they only recombine the same templates and
+    values, and leaving them out keeps the tokenizer, and so the fine-tuned models,
+    independent of how the evaluation's wrong answers are written.  (The world facts' and
+    real authors' wrong answers are bare values, so many of them are in the corpus anyway,
+    as the answer of another record: "Emily Bronte", "nine".)  So are the KnowMem
+    splits (``*_knowmem``, ``knowmem_icl``): evaluation-only questions, whose answers are
+    already in the passages; leaving them out kept this corpus, and so the tokenizer, as it
+    was before they existed.
     """
+    real_authors = passages if real_authors is None else real_authors
+    holdout = passages if holdout is None else holdout
+    qa_splits = ["full", "world_facts"] + ["real_authors"] * real_authors + ["holdout"] * holdout
     texts: list[str] = []
-    for split_name in ("full", "world_facts"):
+    for split_name in qa_splits:
         for record in load_split(out_dir, split_name):
             texts.append(record["question"])
             texts.append(record["answer"])
             texts.append(record["paraphrased_answer"])
     if passages:
-        # The passages of the trained authors (held-out passages are unseen text by design).
-        texts += [record["text"] for record in load_split(out_dir, "full_text")]
+        for split_name in ["full_text"] + ["holdout_text"] * holdout:
+            texts += [record["text"] for record in load_split(out_dir, split_name)]
     return texts
