@@ -163,11 +163,29 @@ def eval_scores(model, ds_config, data, tokenizer, out: Path, rank, num_examples
     token_logprobs = text_token_logprobs(built.engine, tokenizer, passages, 512, 2)
     continuations = greedy_continuations(built.engine, tokenizer,
                                          [p.split(". ")[0] + "." for p in passages], 8, 2)
+    # every metric of the evaluation, on a few examples of each set (7 forget pairs: not
+    # divisible by 2 ranks)
+    from ngdiff_ds.data.records import load_verbmem_split
+    from ngdiff_ds.eval.results import to_results
+    from ngdiff_ds.eval.suite import EvalOptions, Reference, evaluate_model
+
+    sets = {"forget": records, "retain": load_qa_split(data, "retain_perturbed")[:3],
+            "ra": load_qa_split(data, "real_authors")[:3],
+            "wf": load_qa_split(data, "world_facts")[:3],
+            "holdout": load_qa_split(data, "holdout")[:3],
+            "verbmem": load_verbmem_split(data, "forget10_verbmem")[:3],
+            "forget_text": load_text_split(data, "forget10_text")[:3],
+            "holdout_text": load_text_split(data, "holdout_text")[:3]}
+    reference = Reference(forget_truth_ratios=[0.5] * len(records), mia_auc=0.4, tofu_mia_auc=0.3)
+    results = to_results(evaluate_model(built.engine, tokenizer, sets, reference,
+                                        EvalOptions(max_length=256, batch_size=2,
+                                                    max_new_tokens=8, verbmem_max_new_tokens=8),
+                                        note=lambda line: None))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "scores.json").write_text(json.dumps({
             "scores": scores, "generations": generations, "token_logprobs": token_logprobs,
-            "continuations": continuations}))
+            "continuations": continuations, "results": results}))
 
 
 def finetune(model, ds_config, data, tokenizer, layout, scenario, out: Path, rank, log) -> None:

@@ -297,6 +297,43 @@ def test_muse_text_scoring_does_not_depend_on_rank_count(one_rank_results, two_r
                                            rel=1e-4, abs=1e-5)
 
 
+def _flatten(value, prefix=""):
+    """Every number (and string) of a results entry, keyed by its path."""
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}/{key}"))
+        return out
+    if isinstance(value, list):
+        out = {}
+        for index, item in enumerate(value):
+            out.update(_flatten(item, f"{prefix}[{index}]"))
+        return out
+    return {prefix: value}
+
+
+def test_every_metric_of_the_evaluation_does_not_depend_on_rank_count(one_rank_results,
+                                                                      two_rank_results):
+    """TOFU (9-component utility, memorisation, QA-side attacks, tofu_privleak) and MUSE
+    (VerbMem, text attacks, privleak) on a few examples of each set: 2 ranks give the values
+    and generations of 1 rank, per example."""
+    one = json.loads((one_rank_results / "eval" / "scores.json").read_text())["results"]
+    two = json.loads((two_rank_results / "eval" / "scores.json").read_text())["results"]
+    for name in ("model_utility", "extraction_strength", "exact_memorization", "tofu_mia_min_k",
+                 "tofu_mia_min_k_plus_plus", "tofu_privleak", "forget_Q_A_PERT_Prob",
+                 "ra_Q_A_Prob_normalised", "mia_zlib", "mia_min_k_plus_plus", "privleak",
+                 "forget_verbmem_ROUGE"):
+        assert name in one, name
+    assert set(two) == set(one)
+    flat_one, flat_two = _flatten(one), _flatten(two)
+    assert set(flat_two) == set(flat_one)
+    for path, value in flat_one.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            assert flat_two[path] == pytest.approx(value, rel=1e-4, abs=1e-6), path
+        else:
+            assert flat_two[path] == value, path
+
+
 def test_finetune_on_mixed_lengths_matches_reference(two_rank_results, tiny_assets):
     """run_finetune over 2 ranks with micro-batch 1 on QA pairs and passages (each step's
     short and long rows run as separate forwards) equals plain one-example-at-a-time SGD."""

@@ -125,10 +125,30 @@ def test_tofu_metrics_of_the_run(main_run):
     # Unlearning moves the forget metrics toward the retain-only model.
     assert final["forget_Q_A_Prob"] < before["forget_Q_A_Prob"]
     assert final["forget_quality"] >= before["forget_quality"]
-    assert 0 < final["model_utility"] <= 1
+    # TOFU's 9-component utility (the embedded default has real authors and world facts)
+    assert 0 < final["model_utility"] <= 1 and "model_utility_partial" not in final
+    # the fine-tuned model has memorised its forget answers; unlearning loosens that
+    assert before["extraction_strength"] > reference["extraction_strength"]
+    assert final["exact_memorization"] < before["exact_memorization"]
+    # QA-side membership: forget QA pairs vs the held-out authors' (TOFU's holdout)
+    assert before["tofu_mia_min_k"] > 0.9 and before["tofu_privleak"] < -50, (before, reference)
     # Per-example values in the community schema, one per forget example.
     results = json.loads((eval_dir / "final_results.json").read_text())
     assert len(results["forget_Q_A_Prob"]["value_by_index"]) == 177
+    assert set(results["forget_Q_A_ROUGE"]["value_by_index"]["0"]) >= {
+        "rougeL_recall", "rougeL_f1", "rouge1_recall", "input", "ground_truth", "generation"}
+    # open-unlearning's files of the point: exactly its summary keys, strict JSON
+    tofu_summary = json.loads((eval_dir / "final" / "TOFU_SUMMARY.json").read_text())
+    assert sorted(tofu_summary) == sorted(["forget_truth_ratio", "forget_quality",
+                                           "forget_Q_A_Prob", "forget_Q_A_ROUGE", "model_utility",
+                                           "privleak", "extraction_strength"])
+    assert tofu_summary["privleak"] == pytest.approx(final["tofu_privleak"])
+    tofu_eval = json.loads((eval_dir / "final" / "TOFU_EVAL.json").read_text())
+    assert set(tofu_eval["mia_min_k"]) == {"forget", "holdout", "auc", "agg_value"}
+    def refuse(token):
+        raise AssertionError(f"bare {token} in a results file")
+    for path in list((eval_dir / "final").glob("*.json")) + list(eval_dir.glob("*.json")):
+        json.loads(path.read_text(), parse_constant=refuse)  # strict JSON: no NaN / Infinity
     assert (eval_dir / "forget_quality_vs_utility.png").stat().st_size > 1000
     assert "forget_quality" in result.stdout and "retain_model" in result.stdout
 
@@ -145,7 +165,7 @@ def test_muse_metrics_of_the_run(main_run):
     # The fine-tuned model recites its forget passages and knows the answers; the retain-only
     # model never saw them.
     assert before["forget_verbmem_ROUGE"] > reference["forget_verbmem_ROUGE"] + 0.2, numbers
-    assert before["forget_knowmem_ROUGE"] > reference["forget_knowmem_ROUGE"] + 0.1, numbers
+    assert before["forget_qa_knowmem_ROUGE"] > reference["forget_qa_knowmem_ROUGE"] + 0.1, numbers
     # Min-K% tells the trained forget passages from held-out ones; for the retain-only model
     # both are unseen, so it cannot.
     assert before["mia_min_k"] > 0.9 and 0.2 < reference["mia_min_k"] < 0.8, numbers
@@ -155,8 +175,15 @@ def test_muse_metrics_of_the_run(main_run):
     # erase the membership signal (PrivLeak stays near -100), so it is not asserted to move.
     assert final["forget_verbmem_ROUGE"] < before["forget_verbmem_ROUGE"] - 0.1, numbers
     assert final["forget_text_min_k"] < before["forget_text_min_k"], numbers
-    assert final["forget_knowmem_ROUGE"] < before["forget_knowmem_ROUGE"], numbers
-    assert final["retain_knowmem_ROUGE"] > 0.9, numbers
+    assert final["forget_qa_knowmem_ROUGE"] < before["forget_qa_knowmem_ROUGE"], numbers
+    assert final["retain_qa_knowmem_ROUGE"] > 0.9, numbers
+    # MUSE's own KnowMem (few-shot prompt on the knowmem splits) is there, in [0, 1]
+    for summary_of in (before, final):
+        assert 0 <= summary_of["forget_knowmem_ROUGE"] <= 1, numbers
+        assert 0 <= summary_of["retain_knowmem_ROUGE"] <= 1, numbers
+    assert sorted(json.loads((eval_dir / "final" / "MUSE_SUMMARY.json").read_text())) == sorted(
+        ["forget_knowmem_ROUGE", "retain_knowmem_ROUGE", "forget_verbmem_ROUGE", "privleak",
+         "extraction_strength"])
     results = json.loads((eval_dir / "final_results.json").read_text())
     assert len(results["forget_verbmem_ROUGE"]["value_by_index"]) == 10
     assert len(results["forget_text_min_k"]["value_by_index"]) == 10
@@ -185,6 +212,9 @@ def test_final_scores_follow_from_the_saved_per_example_values(main_run):
     auc_muse, reference_auc_muse = (1 - final["mia_min_k"]["agg_value"],
                                     1 - reference["mia_min_k"]["agg_value"])
     assert summary["privleak"] == pytest.approx((auc_muse - reference_auc_muse) / reference_auc_muse * 100)
+    qa_auc, reference_qa_auc = (1 - final["tofu_mia_min_k"]["auc"],
+                                1 - reference["tofu_mia_min_k"]["auc"])
+    assert summary["tofu_privleak"] == pytest.approx((qa_auc - reference_qa_auc) / reference_qa_auc * 100)
 
 
 def test_reference_against_itself_gives_forget_quality_one_and_privleak_zero(main_run):

@@ -100,35 +100,112 @@ def _min_k(values, k=0.4):
     return sum(lowest) / len(lowest)
 
 
+def reference_token_moments(model, tokenizer, text: str) -> tuple[list[float], list[float]]:
+    """Mean and standard deviation of log p over the vocabulary at each scored position,
+    from the full float64 distribution, as Min-K%++ standardises by them."""
+    ids = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+    logprobs = torch.log_softmax(logits, dim=-1)[:-1]
+    probs = logprobs.exp()
+    mu = (probs * logprobs).sum(-1)
+    variance = (probs * (logprobs - mu[:, None]) ** 2).sum(-1)
+    return mu.tolist(), variance.sqrt().tolist()
+
+
+def _auc(members, nonmembers):
+    pairs = [(m > n) + 0.5 * (m == n) for m in members for n in nonmembers]
+    return sum(pairs) / len(pairs)
+
+
 def test_evaluate_muse_against_hand_computed_values(tiny_assets, model_and_tokenizer):
+    import zlib
+
     from rouge_score import rouge_scorer
+
+    from ngdiff_ds.eval.suite import Reference
 
     model, tokenizer = model_and_tokenizer
     forget = [{"text": t} for t in texts(tiny_assets, 4)]
     holdout = [{"text": r["text"]} for r in load_text_split(tiny_assets["data"], "holdout_text")]
     holdout.append({"text": "The capital of France is Paris."})
     verbmem = load_verbmem_split(tiny_assets["data"], "forget10_verbmem")
-    reference_auc = 0.3
+    reference_nll = {"forget": [2.0 + 0.1 * i for i in range(len(forget))],
+                     "holdout": [2.5 - 0.05 * i for i in range(len(holdout))]}
+    reference = Reference(mia_auc=0.3, text_nll=reference_nll)
     results = evaluate_muse(PlainEngine(model), tokenizer,
                             {"verbmem": verbmem, "forget_text": forget, "holdout_text": holdout},
-                            reference_auc=reference_auc, max_length=512, batch_size=2,
+                            reference=reference, max_length=512, batch_size=2,
                             verbmem_max_new_tokens=16)
 
-    member = [_min_k(reference_token_logprobs(model, tokenizer, r["text"])) for r in forget]
-    nonmember = [_min_k(reference_token_logprobs(model, tokenizer, r["text"])) for r in holdout]
-    pairs = [(m > n) + 0.5 * (m == n) for m in member for n in nonmember]
-    expected_auc = sum(pairs) / len(pairs)
-    assert results["mia_min_k"].agg_value == pytest.approx(expected_auc)
+    logprobs = {name: [reference_token_logprobs(model, tokenizer, r["text"]) for r in records]
+                for name, records in (("forget", forget), ("holdout", holdout))}
+    member = [_min_k(values) for values in logprobs["forget"]]
+    nonmember = [_min_k(values) for values in logprobs["holdout"]]
+    expected_auc = _auc(member, nonmember)
+    assert results["mia_min_k"]["agg_value"] == pytest.approx(expected_auc)
+    assert results["mia_min_k"]["auc"] == pytest.approx(expected_auc)
     assert [v["score"] for v in results["forget_text_min_k"].value_by_index.values()] == \
         pytest.approx(member, rel=1e-4)
+    # open-unlearning writes its statistic (higher = less familiar): minus the member score
+    ou_forget = results["mia_min_k"]["forget"]["value_by_index"]
+    assert [ou_forget[str(i)]["score"] for i in range(len(forget))] == \
+        pytest.approx([-m for m in member], rel=1e-4)
     # MUSE: PrivLeak = (AUC - AUC_retain) / AUC_retain * 100 with AUCs oriented as 1 - ours
-    expected_privleak = ((1 - expected_auc) - (1 - reference_auc)) / (1 - reference_auc) * 100
+    expected_privleak = ((1 - expected_auc) - (1 - 0.3)) / (1 - 0.3) * 100
     assert results["privleak"].agg_value == pytest.approx(expected_privleak)
 
+    # the other attacks, each from its definition on the float64 log-probs
+    mean_logprob = {name: [sum(v) / len(v) for v in rows] for name, rows in logprobs.items()}
+    assert results["mia_loss"]["auc"] == pytest.approx(
+        _auc(mean_logprob["forget"], mean_logprob["holdout"]))
+    zlib_member = {name: [m / len(zlib.compress(r["text"].encode("utf-8")))
+                          for m, r in zip(mean_logprob[name], records)]
+                   for name, records in (("forget", forget), ("holdout", holdout))}
+    assert results["mia_zlib"]["auc"] == pytest.approx(
+        _auc(zlib_member["forget"], zlib_member["holdout"]))
+    plus_plus = {}
+    for name, records in (("forget", forget), ("holdout", holdout)):
+        plus_plus[name] = []
+        for record, values in zip(records, logprobs[name]):
+            mu, sigma = reference_token_moments(model, tokenizer, record["text"])
+            plus_plus[name].append(_min_k([(v - m) / max(s, 1e-3)
+                                           for v, m, s in zip(values, mu, sigma)]))
+    ou_plus_plus = results["mia_min_k_plus_plus"]["forget"]["value_by_index"]
+    assert [-ou_plus_plus[str(i)]["score"] for i in range(len(forget))] == \
+        pytest.approx(plus_plus["forget"], rel=1e-3)
+    assert results["mia_min_k_plus_plus"]["auc"] == pytest.approx(
+        _auc(plus_plus["forget"], plus_plus["holdout"]))
+    reference_member = {name: [ref + m for ref, m in zip(reference_nll[name], mean_logprob[name])]
+                        for name in reference_nll}
+    assert results["mia_reference"]["auc"] == pytest.approx(
+        _auc(reference_member["forget"], reference_member["holdout"]))
+
+    # MUSE scores against the ground truth's first 128 tokens
+    cut_gts = [tokenizer.decode(tokenizer(r["gt"])["input_ids"][:128], skip_special_tokens=True)
+               for r in verbmem]
+    assert any(len(gt) < len(r["gt"]) for gt, r in zip(cut_gts, verbmem))  # the cut is exercised
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    expected_rouge = [scorer.score(r["gt"], reference_continuation(model, tokenizer, r["prompt"], 16))
-                      ["rougeL"].fmeasure for r in verbmem]
+    expected_rouge = [scorer.score(gt, reference_continuation(model, tokenizer, r["prompt"], 16))
+                      ["rougeL"].fmeasure for gt, r in zip(cut_gts, verbmem)]
     assert results["forget_verbmem_ROUGE"].agg_value == pytest.approx(sum(expected_rouge) / len(expected_rouge))
+    row = results["forget_verbmem_ROUGE"].value_by_index["0"]
+    assert row["input"] == verbmem[0]["prompt"] and row["ground_truth"] == cut_gts[0]
+    assert row["generation"] == reference_continuation(model, tokenizer, verbmem[0]["prompt"], 16)
+
+
+def test_verbmem_ground_truth_is_cut_to_128_tokens_as_muse_does(model_and_tokenizer):
+    from ngdiff_ds.eval.muse import verbmem_ground_truth
+
+    _, tokenizer = model_and_tokenizer
+    words = " ".join(f"word{i}" for i in range(300))
+    ids = tokenizer(words)["input_ids"]
+    assert len(ids) > 128
+    # MUSE: tokenizer(gt).input_ids[:, :128], decoded without special tokens
+    assert verbmem_ground_truth(tokenizer, words) == tokenizer.decode(ids[:128],
+                                                                      skip_special_tokens=True)
+    assert len(verbmem_ground_truth(tokenizer, words)) < len(words)
+    assert verbmem_ground_truth(tokenizer, "A short one.") == "A short one."
 
 
 def test_evaluate_muse_without_reference_has_no_privleak(tiny_assets, model_and_tokenizer):
@@ -137,10 +214,46 @@ def test_evaluate_muse_without_reference_has_no_privleak(tiny_assets, model_and_
     results = evaluate_muse(PlainEngine(model), tokenizer,
                             {"forget_text": forget, "holdout_text": forget[:1]}, max_length=512,
                             batch_size=1)
-    assert set(results) == {"forget_text_min_k", "holdout_text_min_k", "mia_min_k"}
+    assert set(results) == {"forget_text_min_k", "holdout_text_min_k", "mia_min_k", "mia_loss",
+                            "mia_zlib", "mia_min_k_plus_plus"}
     # the first forget text is also the only holdout text (scored alike at batch size 1):
     # one exact tie (1/2) and one pair decided by the second text's score
     first, second = (_min_k(reference_token_logprobs(model, tokenizer, r["text"])[:511])
                      for r in forget)
     assert first != second
-    assert results["mia_min_k"].agg_value == (0.5 + (1.0 if second > first else 0.0)) / 2
+    assert results["mia_min_k"]["agg_value"] == (0.5 + (1.0 if second > first else 0.0)) / 2
+
+
+def test_knowmem_as_muse_asks_it(tiny_assets, model_and_tokenizer):
+    """MUSE's KnowMem: few-shot prompt, greedy answer cut at the first stop string, ROUGE-L F1
+    against the answer; each piece against a hand computation."""
+    from rouge_score import rouge_scorer
+
+    from ngdiff_ds.data.records import load_qa_split
+    from ngdiff_ds.eval.muse import knowmem_answer, knowmem_prompt
+
+    icl = [{"question": "What is one plus one?", "answer": "two"},
+           {"question": "Which colour is snow?", "answer": "white"}]
+    assert knowmem_prompt("Who?", icl) == ("Question: What is one plus one?\nAnswer: two\n\n"
+                                           "Question: Which colour is snow?\nAnswer: white\n\n"
+                                           "Question: Who?\nAnswer: ")
+    assert knowmem_answer("Paris\n\nQuestion: x") == "Paris"
+    assert knowmem_answer("Paris Question: x") == "Paris "
+    assert knowmem_answer("Paris\nQuestion x\n\n") == "Paris"
+
+    model, tokenizer = model_and_tokenizer
+    records = [{"question": r["question"], "answer": r["answer"].split()[-1]}
+               for r in load_qa_split(tiny_assets["data"], "forget10")[:3]]
+    results = evaluate_muse(PlainEngine(model), tokenizer,
+                            {"forget_knowmem": records, "knowmem_icl": icl}, batch_size=2,
+                            knowmem_max_new_tokens=6)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    expected = []
+    for record in records:
+        generated = reference_continuation(model, tokenizer,
+                                           knowmem_prompt(record["question"], icl), 6)
+        for stop in ("\n\n", "\nQuestion", "Question:"):
+            generated = generated.split(stop)[0]
+        expected.append(scorer.score(record["answer"], generated)["rougeL"].fmeasure)
+    assert results["forget_knowmem_ROUGE"].agg_value == pytest.approx(sum(expected) / len(expected))
+    assert "retain_knowmem_ROUGE" not in results

@@ -65,6 +65,23 @@ def answer_probability(logprob_sums: Any, num_tokens: Any) -> MetricResult:
     return MetricResult(float(probs.mean()), by_index(prob=probs, avg_loss=-per_token))
 
 
+def option_probabilities(logprob_sums: Any, num_tokens: Any) -> MetricResult:
+    """open-unlearning's ``*_Q_A_PERT_Prob``: the length-normalised probability of each of an
+    example's options (the perturbed answers), ``exp(logprob_sum / num_tokens)`` each.
+
+    ``logprob_sums`` / ``num_tokens``: one list per example (lengths may differ). Per example
+    ``prob`` and ``avg_loss`` are lists, one value per option; aggregate: the mean over every
+    option of every example.
+    """
+    require_examples(len(logprob_sums), "logprob_sums")
+    per_token = _ragged_per_token_logprobs(logprob_sums, num_tokens, "options")
+    if any(len(row) == 0 for row in per_token):
+        raise ValueError("every example needs at least one option")
+    rows = {str(i): {"prob": np.exp(row).tolist(), "avg_loss": (-row).tolist()}
+            for i, row in enumerate(per_token)}
+    return MetricResult(float(np.exp(np.concatenate(per_token)).mean()), rows)
+
+
 def normalised_probability(
     correct_logprob_sums: Any,
     correct_num_tokens: Any,
@@ -99,15 +116,17 @@ def normalised_probability(
 
 
 def rouge_l_recall(
-    predictions: Sequence[str], references: Sequence[str], *, use_stemmer: bool = True
+    predictions: Sequence[str], references: Sequence[str], *, use_stemmer: bool = True,
+    inputs: Sequence[str] | None = None,
 ) -> MetricResult:
     """TOFU "ROUGE": ROUGE-L recall of greedy generations against the ground-truth answers.
 
     ``rouge_score``'s ``RougeScorer(["rougeL"], use_stemmer=True)``, ``score(target=reference,
     prediction=prediction).recall`` (as TOFU's code); recall because a correct answer buried in
-    a longer generation should still count. Aggregate: mean. Per-example key: ``rougeL_recall``.
+    a longer generation should still count. Aggregate: mean. Per-example keys: ``rougeL_recall``
+    and the other fields of ``results.rouge_l`` (``inputs``: the questions, kept beside them).
     """
-    return rouge_l(predictions, references, "recall", use_stemmer)
+    return rouge_l(predictions, references, "recall", use_stemmer, inputs)
 
 
 def truth_ratios(

@@ -32,14 +32,18 @@ class MetricResult:
     """
 
     agg_value: float
-    value_by_index: dict[str, dict[str, float]] = field(default_factory=dict)
+    value_by_index: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready ``{"agg_value": ..., "value_by_index": ...}``; NaN and inf become None."""
+        """JSON-ready ``{"agg_value": ..., "value_by_index": ...}``; NaN and inf become None.
+
+        Per-example entries are numbers, strings (the generation, input and ground truth kept
+        beside a ROUGE value, as open-unlearning's files have them) or lists of numbers (the
+        probability of each perturbed answer)."""
         return {
             "agg_value": _json_number(self.agg_value),
             "value_by_index": {
-                index: {name: _json_number(value) for name, value in values.items()}
+                index: {name: _json_value(value) for name, value in values.items()}
                 for index, values in self.value_by_index.items()
             },
         }
@@ -50,9 +54,11 @@ def to_results(metrics: Mapping[str, MetricResult | Mapping[str, Any]]) -> dict[
 
     Non-finite numbers (NaN, +-inf) are written as ``None`` (JSON ``null``) because strict
     JSON has no NaN; ``summary`` reads them back as NaN. Entries may be ``MetricResult`` or
-    dicts already in this format.
+    dicts already in this format (kept whole: a membership attack's ``forget``, ``holdout``
+    and ``auc`` beside its ``agg_value``).
     """
-    return {name: _as_result(result).to_dict() for name, result in metrics.items()}
+    return {name: result.to_dict() if isinstance(result, MetricResult) else _json_value(result)
+            for name, result in metrics.items()}
 
 
 def summary(results: Mapping[str, MetricResult | Mapping[str, Any]]) -> dict[str, float]:
@@ -62,6 +68,8 @@ def summary(results: Mapping[str, MetricResult | Mapping[str, Any]]) -> dict[str
     """
     table = {}
     for name, result in results.items():
+        if isinstance(result, Mapping) and "agg_value" not in result:
+            continue  # not a metric (e.g. the eval_settings record)
         value = _as_result(result).agg_value
         table[name] = math.nan if value is None else float(value)
     return table
@@ -79,6 +87,21 @@ def _json_number(value: Any) -> Any:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+def _json_value(value: Any) -> Any:
+    """Strict-JSON form of a results entry: strings kept, mappings and sequences converted
+    item by item (a membership attack's ``forget`` / ``holdout`` parts), numbers through
+    ``_json_number``."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping):
+        return {str(key): _json_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(item) for item in value]
+    if hasattr(value, "tolist"):  # numpy or torch values
+        return _json_value(value.tolist())
+    return _json_number(value)
 
 
 def by_index(**per_example: np.ndarray) -> dict[str, dict[str, float]]:
@@ -139,24 +162,38 @@ def agg_of(value: float | MetricResult) -> float:
 
 
 @lru_cache(maxsize=None)
-def _rouge_l_scorer(use_stemmer: bool):
+def _rouge_scorer(use_stemmer: bool):
     # Imported lazily: rouge_score pulls in nltk (about a second), needed only for ROUGE.
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=use_stemmer)
+    return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=use_stemmer)
 
 
 def rouge_l(
-    predictions: Sequence[str], references: Sequence[str], variant: str, use_stemmer: bool
+    predictions: Sequence[str], references: Sequence[str], variant: str, use_stemmer: bool,
+    inputs: Sequence[str] | None = None,
 ) -> MetricResult:
+    """ROUGE-L ``variant`` (recall or F1) per example and its mean.
+
+    Each per-example row holds what open-unlearning's rows hold: ``rouge1_recall``,
+    ``rougeL_f1``, ``rougeL_recall``, and the ``generation``, ``ground_truth`` and (when
+    given) ``input`` they were computed from, so other metrics can be computed from the file.
+    """
     if variant not in _ROUGE_SCORE_FIELD:
         raise ValueError(f"rouge variant must be one of {sorted(_ROUGE_SCORE_FIELD)}, got {variant!r}")
     require_same_length("predictions", predictions, "references", references)
     require_examples(len(predictions), "predictions")
-    scorer = _rouge_l_scorer(use_stemmer)
-    score_field = _ROUGE_SCORE_FIELD[variant]
-    values = np.array([
-        getattr(scorer.score(target=reference, prediction=prediction)["rougeL"], score_field)
-        for prediction, reference in zip(predictions, references)
-    ])
-    return MetricResult(float(values.mean()), by_index(**{f"rougeL_{variant}": values}))
+    if inputs is not None:
+        require_same_length("predictions", predictions, "inputs", inputs)
+    scorer = _rouge_scorer(use_stemmer)
+    rows, chosen = {}, []
+    for index, (prediction, reference) in enumerate(zip(predictions, references)):
+        scores = scorer.score(target=reference, prediction=prediction)
+        row = {"rouge1_recall": scores["rouge1"].recall, "rougeL_f1": scores["rougeL"].fmeasure,
+               "rougeL_recall": scores["rougeL"].recall}
+        chosen.append(row[f"rougeL_{variant}"])
+        if inputs is not None:
+            row["input"] = inputs[index]
+        row.update(ground_truth=reference, generation=prediction)
+        rows[str(index)] = row
+    return MetricResult(float(np.mean(chosen)), rows)

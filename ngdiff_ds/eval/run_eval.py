@@ -7,7 +7,8 @@ and ``launch/evaluate.py`` (a saved model). Every method is collective: all rank
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ngdiff_ds.distributed import is_main_process
@@ -21,8 +22,8 @@ from ngdiff_ds.job import JobSettings, start_job
 from ngdiff_ds.run_log import RunLog
 from ngdiff_ds.settings import option
 
-HEADLINE_METRICS = ("forget_quality", "model_utility", "forget_Q_A_ROUGE", "forget_verbmem_ROUGE",
-                    "privleak")
+HEADLINE_METRICS = ("forget_quality", "model_utility", "model_utility_partial", "forget_Q_A_ROUGE",
+                    "forget_verbmem_ROUGE", "tofu_privleak", "privleak")
 
 
 class RunEvaluation:
@@ -39,13 +40,20 @@ class RunEvaluation:
             log.print(note)
         self.points, self.columns = [], {}
         self.reference = None
+        self._notes_said = set()
+
+    def _note_once(self, line: str) -> None:
+        """Each evaluation point would repeat the same notes: say each once."""
+        if line not in self._notes_said:
+            self._notes_said.add(line)
+            self.log.print(line)
 
     def load_reference(self, settings: EvalSettings, ds_config: dict,
                        default_model: str | None = None) -> None:
         """The reference of forget quality and PrivLeak: the ``--retain-results`` file, else
         the scores of ``--retain-model`` (or ``default_model``), else none."""
         if settings.retain_results:
-            self.reference = Reference.from_file(settings.retain_results)
+            self.reference = Reference.from_file(settings.retain_results, note=self.log.print)
         elif settings.retain_model or default_model:
             self.evaluate_reference(settings.retain_model or default_model, ds_config)
 
@@ -53,23 +61,29 @@ class RunEvaluation:
         """Score the retain-only ``model`` (an inference-only engine, freed afterwards); its
         forget truth ratios and Min-K% AUC become the reference of every later point."""
         reference = build_inference_engine(resolve_model(model), ds_config)
-        results = evaluate_model(reference.engine, self.tokenizer, self.sets, None, self.options)
+        started = time.perf_counter()
+        results = evaluate_model(reference.engine, self.tokenizer, self.sets, None, self.options,
+                                 note=self._note_once)
         self.reference = Reference.from_results(results)
         self._record("retain_model", results, None)
+        self.log.print(f"metrics @ retain_model ({time.perf_counter() - started:.1f} s)")
         del reference
 
     def run(self, engine, tag: str, step: int | None) -> dict[str, float]:
         """Score ``engine`` (a DeepSpeed engine) as evaluation point ``tag``; returns its
         summary. ``step`` None: not a point of the run's trajectory (a saved model)."""
+        started = time.perf_counter()
         summary = self._record(tag, evaluate_model(engine, self.tokenizer, self.sets,
-                                                   self.reference, self.options), step)
-        self.log.print(f"metrics @ {tag}: " + ", ".join(
+                                                   self.reference, self.options,
+                                                   note=self._note_once), step)
+        seconds = time.perf_counter() - started
+        self.log.print(f"metrics @ {tag} ({seconds:.1f} s): " + ", ".join(
             f"{k} {summary[k]:.4g}" for k in HEADLINE_METRICS if k in summary))
         return summary
 
     def _record(self, tag, results, step) -> dict[str, float]:
         if is_main_process():
-            summary = write_results(results, self.out_dir, tag)
+            summary = write_results(results, self.out_dir, tag, self.options.settings_record())
         else:
             summary = summarise(to_results(results))
         self.columns[tag] = summary
@@ -80,9 +94,7 @@ class RunEvaluation:
 
     def state_dict(self) -> dict:
         """What a checkpoint carries: the columns and points so far, and the reference."""
-        reference = None if self.reference is None else {
-            "forget_truth_ratios": self.reference.forget_truth_ratios,
-            "mia_auc": self.reference.mia_auc}
+        reference = None if self.reference is None else asdict(self.reference)
         return {"columns": self.columns, "points": self.points, "reference": reference}
 
     def load_state_dict(self, state: dict) -> None:

@@ -117,23 +117,64 @@ def text_token_logprobs(engine, tokenizer, texts: list[str], max_length: int,
                         batch_size: int) -> list[list[float]]:
     """Log-prob of every token of each text given the tokens before it (the first given the
     bos), as Min-K% needs them; texts longer than ``max_length`` tokens are cut."""
-    examples = [encode_text(tokenizer, text, max_length) for text in texts]
+    stats = text_token_statistics(engine, tokenizer, texts, max_length, batch_size, moments=False)
+    return [row["logprobs"] for row in stats]
 
+
+@torch.no_grad()
+def text_token_statistics(engine, tokenizer, texts: list[str], max_length: int, batch_size: int,
+                          moments: bool = True) -> list[dict[str, list]]:
+    """Per token of each text (the eos that training appends is not part of it):
+    ``logprobs``, ``matches`` and, with ``moments``, ``mu`` and ``sigma`` (see
+    ``_row_statistics``); texts longer than ``max_length`` tokens are cut."""
+    examples = [encode_text(tokenizer, text, max_length) for text in texts]
+    keep_eos = [example["truncated"] for example in examples]  # a cut text has no eos
+    return _token_statistics(engine, examples, tokenizer.pad_token_id, batch_size, moments,
+                             drop_last=[not keep for keep in keep_eos])
+
+
+@torch.no_grad()
+def answer_token_statistics(engine, tokenizer, pairs: list[tuple[str, str]], max_length: int,
+                            batch_size: int, moments: bool = True) -> list[dict[str, list]]:
+    """The same per answer token of each (question, answer) pair, teacher-forced on the
+    question (the answer's eos included, as in the answer probability): what extraction
+    strength, exact memorisation and the QA-side membership attacks read."""
+    examples = [encode_qa(tokenizer, q, a, max_length) for q, a in pairs]
+    return _token_statistics(engine, examples, tokenizer.pad_token_id, batch_size, moments,
+                             drop_last=[False] * len(examples))
+
+
+def _token_statistics(engine, examples, pad_token_id, batch_size, moments, drop_last):
     def score_batch(batch, logits, indices):
         targets = batch["labels"][:, 1:]
-        values_by_row = []
+        rows = []
         for row, index in enumerate(indices):
             # One row at a time in float32: a [batch, length, vocabulary] copy in a wider type
             # would be gigabytes for long texts and large vocabularies.
-            row_logits = logits[row, :-1].float()
-            picked = row_logits.gather(-1, targets[row].clamp(min=0).unsqueeze(-1)).squeeze(-1) \
-                - torch.logsumexp(row_logits, dim=-1)
-            values = picked[targets[row] != IGNORE_INDEX].double().tolist()
-            # The text's own tokens only: the eos that training appends is not part of it.
-            values_by_row.append(values if examples[index]["truncated"] else values[:-1])
-        return values_by_row
+            keep = targets[row] != IGNORE_INDEX
+            values = _row_statistics(logits[row, :-1][keep].float(), targets[row][keep], moments)
+            rows.append({name: column[:-1] if drop_last[index] else column
+                         for name, column in values.items()})
+        return rows
 
-    return _score_in_step(engine, examples, tokenizer.pad_token_id, batch_size, score_batch)
+    return _score_in_step(engine, examples, pad_token_id, batch_size, score_batch)
+
+
+def _row_statistics(logits: torch.Tensor, targets: torch.Tensor, moments: bool) -> dict[str, list]:
+    """For each scored position: the target's log-prob, whether the argmax is the target,
+    and (``moments``) the mean and standard deviation of the log-prob under the model's own
+    next-token distribution, ``mu = sum_v p_v log p_v`` and
+    ``sigma = sqrt(sum_v p_v (log p_v)^2 - mu^2)`` (Min-K%++ standardises by them)."""
+    log_probs = torch.log_softmax(logits, dim=-1)
+    out = {"logprobs": log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double().tolist(),
+           "matches": (logits.argmax(-1) == targets).int().tolist()}
+    if moments:
+        probs = log_probs.exp()
+        mu = (probs * log_probs).sum(-1)
+        second = (probs * log_probs.square()).sum(-1)
+        out["mu"] = mu.double().tolist()
+        out["sigma"] = (second - mu.square()).clamp(min=0).sqrt().double().tolist()
+    return out
 
 
 @torch.no_grad()
@@ -146,15 +187,22 @@ def greedy_answers(engine, tokenizer, questions: list[str], max_new_tokens: int,
 
 @torch.no_grad()
 def greedy_continuations(engine, tokenizer, prompts: list[str], max_new_tokens: int,
-                         batch_size: int) -> list[str]:
+                         batch_size: int, strip: bool = True,
+                         stop_strings: tuple[str, ...] = ()) -> list[str]:
     """Greedy continuations of plain-text prompts (``[bos] + ids(prompt)``, no QA format),
-    as MUSE's verbatim-memorisation test asks for."""
+    as MUSE's verbatim-memorisation and KnowMem tests ask for; ``strip=False`` keeps the
+    whitespace (KnowMem cuts at blank lines). ``stop_strings``: a row stops growing once its
+    text ends with one (the caller cuts there, so what would come after is never read)."""
     encoded = [encode_plain_prompt(tokenizer, p) for p in prompts]
-    return _greedy(engine, tokenizer, encoded, max_new_tokens, batch_size)
+    return _greedy(engine, tokenizer, encoded, max_new_tokens, batch_size, strip, stop_strings)
 
 
 def _greedy(engine, tokenizer, prompts: list[list[int]], max_new_tokens: int,
-            batch_size: int) -> list[str]:
+            batch_size: int, strip: bool = True, stop_strings: tuple[str, ...] = ()) -> list[str]:
+    # Every rank generates until all rows of every rank are done (synced_gpus: each step is
+    # a collective forward under ZeRO-3), so a batch costs its longest row: eos and the stop
+    # strings end rows early.
+    stopping = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
     local = []
     with _eval_mode(engine):
         for indices in _my_batches(len(prompts), batch_size):
@@ -165,10 +213,10 @@ def _greedy(engine, tokenizer, prompts: list[list[int]], max_new_tokens: int,
                 attention_mask=attention_mask.to(engine.device),
                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                synced_gpus=rank_and_world_size()[1] > 1)
+                synced_gpus=rank_and_world_size()[1] > 1, **stopping)
             if indices:
                 new_tokens = output[:, input_ids.shape[1]:]
-                local += [t.strip() for t in
+                local += [t.strip() if strip else t for t in
                           tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     return _gather_in_order(local, len(prompts))
 

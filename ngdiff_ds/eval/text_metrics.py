@@ -20,15 +20,17 @@ AucOrientation = Literal["members_higher", "muse"]
 
 
 def verbatim_memorisation(
-    predictions: Sequence[str], references: Sequence[str], *, use_stemmer: bool = False
+    predictions: Sequence[str], references: Sequence[str], *, use_stemmer: bool = False,
+    inputs: Sequence[str] | None = None,
 ) -> MetricResult:
     """MUSE "VerbMem": ROUGE-L F1 of greedy continuations of forget-text prefixes.
 
     Per example ``score(target=true_continuation, prediction=generated).fmeasure``; aggregate:
     mean (MUSE's tables show it x100). ``use_stemmer=False`` as in MUSE's released code
-    (open-unlearning uses True). Per-example key: ``rougeL_f1``.
+    (open-unlearning uses True). Per-example key: ``rougeL_f1`` (and the other fields of
+    ``results.rouge_l``; ``inputs``: the prompts).
     """
-    return rouge_l(predictions, references, "f1", use_stemmer)
+    return rouge_l(predictions, references, "f1", use_stemmer, inputs)
 
 
 def knowledge_memorisation(
@@ -37,6 +39,7 @@ def knowledge_memorisation(
     *,
     rouge_variant: RougeVariant = "f1",
     use_stemmer: bool = False,
+    inputs: Sequence[str] | None = None,
 ) -> MetricResult:
     """MUSE "KnowMem": ROUGE-L between generated and true answers to QA pairs.
 
@@ -46,7 +49,7 @@ def knowledge_memorisation(
     ``forget_knowmem_ROUGE`` uses ``rouge_type: rougeL_f1``. ``"recall"`` gives the TOFU-style
     variant. Aggregate: mean (x100 in MUSE's tables). Per-example key: ``rougeL_<variant>``.
     """
-    return rouge_l(predictions, references, rouge_variant, use_stemmer)
+    return rouge_l(predictions, references, rouge_variant, use_stemmer, inputs)
 
 
 def min_k_percent_score(token_logprobs: Any, k: float = 0.4, *, rounding: MinKRounding = "floor") -> float:
