@@ -1,14 +1,17 @@
 """TOFU and MUSE metrics of a saved model, sharded over the ranks of a ZeRO-3 engine.
 
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launch/evaluate.py --deepspeed ds_configs/zero3.json \\
-        --model runs/ngdiff/model --data ~/.cache/ngdiff_ds/default-v3/data \\
-        --retain-model ~/.cache/ngdiff_ds/default-v3/model_retain90 --output-dir runs/eval
+        --model runs/ngdiff/model --data ~/.cache/ngdiff_ds/default-v4/data \\
+        --retain-model ~/.cache/ngdiff_ds/default-v4/model_retain90 --output-dir runs/eval
 
     deepspeed --num_gpus 8 launch/evaluate.py --deepspeed ds_configs/zero3_bf16.json \\
-        --model runs/7b-f10/model --data /data/tofu --retain-results retain90_results.json
+        --model runs/7b-f10/model --data /data/tofu --retain-results saves/eval/tofu_retain90
 
-Writes <output-dir>/model_results.json (per example, open-unlearning schema) and
-model_summary.json, and prints the table (with the reference model's column when given).
+Writes <output-dir>/model_results.json (per example), model_summary.json and, under
+<output-dir>/model/, open-unlearning's TOFU_EVAL.json / TOFU_SUMMARY.json / MUSE_EVAL.json /
+MUSE_SUMMARY.json, and prints the table (with the reference model's column when given).
+--retain-results takes our <tag>_results.json, open-unlearning's TOFU_EVAL.json or
+MUSE_EVAL.json, or a directory holding them.
 The models are inference-only ZeRO-3 engines: sharded weights, no optimizer state.
 """
 
