@@ -224,24 +224,26 @@ def _step_line(stats: StepStats) -> str:
             f" | {stats.step_time * 1000:6.0f} ms | {stats.tokens_per_s:8.0f} tok/s")
 
 
+def finetune_rate(step: int, steps: int, peak_lr: float, warmup_steps: int) -> float:
+    """Linear warm-up then cosine decay to 10 % of ``peak_lr``: memorising a fixed set quickly
+    wants a high rate early and a low one at the end."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress_fraction = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return peak_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_fraction)))
+
+
 def run_finetune(built: TrainingEngine, data: TaskData, steps: int, peak_lr: float, log: RunLog,
                  loss_fn: Loss | None = None, warmup_steps: int = 10) -> float:
-    """Plain training (default: the answer NLL); returns the last step's mean loss.
-
-    Linear warm-up then cosine decay to 10 % of ``peak_lr``: memorising a fixed set quickly
-    wants a high rate early and a low one at the end.
-    """
+    """Plain training (default: the answer NLL) at ``finetune_rate``; returns the last step's
+    mean loss."""
     loss_fn = loss_fn or RETAIN_LOSSES.bind("nll")
     rank, _ = rank_and_world_size()
     engine = built.engine
     loss = math.nan
     progress = tqdm(range(steps), desc=f"finetune {data.name}", disable=rank != 0, dynamic_ncols=True)
     for step in progress:
-        if step < warmup_steps:
-            lr = peak_lr * (step + 1) / warmup_steps
-        else:
-            progress_fraction = (step - warmup_steps) / max(1, steps - warmup_steps)
-            lr = peak_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_fraction)))
+        lr = finetune_rate(step, steps, peak_lr, warmup_steps)
         micro_batches, weights = data.length_grouped_batches(step, rank, engine.device)
         total, _ = _task_backward(built, micro_batches, loss_fn, weights)
         set_learning_rate(engine, lr)

@@ -20,26 +20,33 @@ non-members of the membership attacks. Unlike TOFU's pretrained models, a tiny m
 only what it is fine-tuned on, so ``real_authors`` is part of both fine-tunes, like the world
 facts.
 
-The fine-tunes run through the same ZeRO-3 engine (``launch/finetune.py`` does the same for
-any model and data), on however many ranks the job has. Their global batch is fixed at 64
-when the number of ranks divides 64, so the cached models do not depend on it (other rank
-counts round the per-rank batch down).
+The fine-tunes run in one plain PyTorch process on rank 0 (the other ranks wait): the
+models are tiny, and under ZeRO-3 each of their ~1100 steps was dominated by the
+collectives (about 8 minutes on 2 CPU cores; one process takes about a minute). One process
+with a fixed thread count, fixed seeds and torch's deterministic algorithms also makes the
+cached models independent of the job's rank count and repeatable on one machine (across
+CPUs, float kernels may still round differently: the README states the spread).
+``launch/finetune.py`` fine-tunes any model and data through the ZeRO-3 engine.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from ngdiff_ds.config import BatchLayout, engine_config
+from ngdiff_ds.config import BatchLayout
 from ngdiff_ds.data.records import load_training_records
 from ngdiff_ds.data.task import task_from_records
 from ngdiff_ds.distributed import barrier, rank_and_world_size
-from ngdiff_ds.engine import build_engine, load_tokenizer, save_hf_model
-from ngdiff_ds.trainer import run_finetune
+from ngdiff_ds.engine import load_tokenizer, staged_directory
+from ngdiff_ds.losses import RETAIN_LOSSES
 from ngdiff_ds.run_log import RunLog
+from ngdiff_ds.trainer import finetune_rate
 
 # v2: perturbed answers use the paraphrase template; v3: biography passages (MUSE-style);
 # v4: real_authors (trained), retain_perturbed, holdout QA, MUSE-style knowmem splits, real
@@ -51,6 +58,8 @@ FINETUNE_GLOBAL_BATCH = 64
 FINETUNE_EPOCHS = 20
 FINETUNE_PEAK_LR = 3e-3
 FINETUNE_MAX_LENGTH = 160  # passages are about 110 tokens
+FINETUNE_WARMUP_STEPS = 10
+FINETUNE_THREADS = 2  # fixed: the reduction order of the float kernels depends on it
 PASSAGE_REPEATS = 3
 
 
@@ -65,19 +74,10 @@ def tiny_llama_config(tokenizer):
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
-def finetune_ds_config(world_size: int, optimizer_type: str = "AdamW") -> tuple[dict, BatchLayout]:
-    """ZeRO-3 config for the fine-tunes: fp32, torch AdamW, fixed global batch."""
-    micro = max(1, FINETUNE_GLOBAL_BATCH // world_size)
-    layout = BatchLayout(micro_batch_size=micro, micro_batches_per_step=1, world_size=world_size)
-    config = {
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 3},
-        "optimizer": {"type": optimizer_type,
-                      "params": {"lr": FINETUNE_PEAK_LR, "weight_decay": 0.0, "torch_adam": True}},
-        "bf16": {"enabled": False},
-    }
-    return engine_config(config, layout), layout
+def finetune_layout() -> BatchLayout:
+    """The fine-tunes' batches: one process, FINETUNE_GLOBAL_BATCH examples per step."""
+    return BatchLayout(micro_batch_size=FINETUNE_GLOBAL_BATCH, micro_batches_per_step=1,
+                       world_size=1)
 
 
 def _build_inputs(root: Path) -> None:
@@ -102,29 +102,76 @@ def _build_inputs(root: Path) -> None:
         staging.rename(root / "init")
 
 
-def _finetune(root: Path, out_name: str, splits: list[str], world_size: int, log: RunLog) -> None:
+def _finetune(root: Path, out_name: str, splits: list[str], log: RunLog) -> None:
+    """Fine-tune the initial model on ``splits`` in this process (rank 0 only) and save it."""
     tokenizer = load_tokenizer(str(root / "tokenizer"))
     records = load_training_records(str(root / "data"), "+".join(splits))
     # Passages are repeated: reciting ~100 tokens verbatim takes more epochs than a QA answer.
     records += [r for r in records if "text" in r] * (PASSAGE_REPEATS - 1)
-    ds_config, layout = finetune_ds_config(world_size)
     data = task_from_records(out_name, records, "+".join(splits), tokenizer, FINETUNE_MAX_LENGTH,
-                             layout, seed=0)
+                             finetune_layout(), seed=0)
     truncated = sum(example["truncated"] for example in data.examples)
     if truncated:
         raise RuntimeError(f"{truncated} fine-tuning examples exceed {FINETUNE_MAX_LENGTH} tokens")
     steps = FINETUNE_EPOCHS * len(data.examples) // data.batches.global_batch_size
     log.print(f"building the embedded default: fine-tuning {out_name} on {'+'.join(splits)} "
-              f"({len(data.examples)} QA pairs and passages, {steps} steps, {world_size} rank(s)); "
+              f"({len(data.examples)} QA pairs and passages, {steps} steps, one process); "
               f"done once, cached in {root}")
-    built = build_engine(str(root / "init"), ds_config)
     # The fine-tune's own metrics go next to the model, not into the caller's run.
     finetune_log = RunLog(root / "logs" / out_name, tensorboard=False)
-    loss = run_finetune(built, data, steps, FINETUNE_PEAK_LR, finetune_log)
+    with _repeatable_torch():
+        model, loss = _train(root / "init", data, steps, finetune_log)
     finetune_log.close()
     log.print(f"{out_name}: final training loss {loss:.4f}")
-    save_hf_model(built, tokenizer, root / out_name)
-    del built
+    with staged_directory(root / out_name) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+
+
+@contextmanager
+def _repeatable_torch():
+    """Fixed threads and seed, deterministic kernels; the caller's settings afterwards."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(FINETUNE_THREADS)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(0)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _train(init_dir: Path, data, steps: int, log: RunLog):
+    """AdamW (no weight decay) on the per-example answer NLL at ``finetune_rate``; each step's
+    short and long rows run as separate forwards (``length_grouped_batches``), weighted to
+    the mean over the step's batch. Returns the model and the last step's loss."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(init_dir, dtype=torch.float32)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=FINETUNE_PEAK_LR, weight_decay=0.0)
+    loss_fn = RETAIN_LOSSES.bind("nll")
+    progress = tqdm(range(steps), desc=f"finetune {data.name}", dynamic_ncols=True)
+    loss = math.nan
+    for step in progress:
+        lr = finetune_rate(step, steps, FINETUNE_PEAK_LR, FINETUNE_WARMUP_STEPS)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        micro_batches, weights = data.length_grouped_batches(step, 0, torch.device("cpu"))
+        total = 0.0
+        for batch, weight in zip(micro_batches, weights):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           use_cache=False).logits
+            piece = loss_fn(logits, batch) * weight
+            piece.backward()
+            total += piece.item()
+        optimizer.step()
+        loss = total
+        log.record("finetune", step, {"loss": loss, "lr": lr})
+        progress.set_postfix(loss=f"{loss:.3f}")
+    return model.eval(), loss
 
 
 def ensure_default_assets(cache_dir: Path, retain_split: str, log: RunLog) -> dict[str, str]:
@@ -132,9 +179,9 @@ def ensure_default_assets(cache_dir: Path, retain_split: str, log: RunLog) -> di
 
     ``model_full`` trains on ``full``, ``world_facts``, ``real_authors`` and ``full_text``;
     ``model_<retain_split>`` on ``<retain_split>``, ``world_facts``, ``real_authors`` and
-    ``<retain_split>_text``. Every rank must call this (the fine-tunes are collective).
+    ``<retain_split>_text``. Every rank must call this: rank 0 builds, the others wait.
     """
-    rank, world_size = rank_and_world_size()
+    rank, _ = rank_and_world_size()
     root = Path(cache_dir) / VERSION
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -144,8 +191,8 @@ def ensure_default_assets(cache_dir: Path, retain_split: str, log: RunLog) -> di
     for out_name, splits in (("model_full", ["full", "world_facts", "real_authors", "full_text"]),
                              (retain_name, [retain_split, "world_facts", "real_authors",
                                             f"{retain_split}_text"])):
-        if not (root / out_name / "config.json").is_file():
-            _finetune(root, out_name, splits, world_size, log)
+        if rank == 0 and not (root / out_name / "config.json").is_file():
+            _finetune(root, out_name, splits, log)
         barrier()
     paths = {"data": root / "data", "tokenizer": root / "tokenizer",
              "model_full": root / "model_full", "model_retain": root / retain_name}

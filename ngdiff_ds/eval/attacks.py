@@ -43,8 +43,8 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from ngdiff_ds.eval.results import (MetricResult, as_ragged, by_index, require_examples,
-                                    require_same_length, scores_of)
+from ngdiff_ds.eval.results import (MetricResult, as_float64, as_ragged, by_index,
+                                    require_examples, require_same_length, scores_of)
 from ngdiff_ds.eval.text_metrics import MinKRounding, auc, min_k_percent_score
 
 ExtractionConvention = Literal["open_unlearning", "definition"]
@@ -209,12 +209,7 @@ def token_mu_sigma(logits: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _as_2d_float64(values: Any, name: str) -> np.ndarray:
-    if hasattr(values, "detach"):  # torch tensor; this module does not import torch
-        values = values.detach().cpu().double().numpy()
-    array = np.asarray(values, dtype=np.float64)
-    if array.ndim != 2:
-        raise ValueError(f"{name} must be two-dimensional [positions, vocab], got shape {array.shape}")
-    return array
+    return as_float64(values, name, ndim=2, shape_name=" [positions, vocab]")
 
 
 def min_k_plus_plus_scores(

@@ -118,13 +118,15 @@ def by_index(**per_example: np.ndarray) -> dict[str, dict[str, float]]:
 # --------------------------------------------------------------------------- input helpers
 
 
-def as_float64(values: Any, name: str) -> np.ndarray:
-    """1-D float64 array from a sequence, NumPy array or torch tensor (any device, any grad)."""
+def as_float64(values: Any, name: str, ndim: int = 1, shape_name: str = "") -> np.ndarray:
+    """float64 array of ``ndim`` dimensions (default 1) from a sequence, NumPy array or torch
+    tensor (any device, any grad); ``shape_name`` says what the dimensions are in the error."""
     if hasattr(values, "detach"):  # torch tensor; avoids importing torch in this module
         values = values.detach().cpu().double().numpy()
     array = np.asarray(values, dtype=np.float64)
-    if array.ndim != 1:
-        raise ValueError(f"{name} must be one-dimensional, got shape {array.shape}")
+    if array.ndim != ndim:
+        dimensions = {1: "one-dimensional", 2: "two-dimensional"}.get(ndim, f"{ndim}-dimensional")
+        raise ValueError(f"{name} must be {dimensions}{shape_name}, got shape {array.shape}")
     return array
 
 
