@@ -26,6 +26,7 @@ import math
 import numpy as np
 
 from ngdiff_ds.eval import attacks, text_metrics
+from ngdiff_ds.eval.results import scores_of
 
 MIN_K_FRACTION = 0.4  # MUSE's and OU's k
 
@@ -73,8 +74,8 @@ def reference_scores_from_nll(target_token_logprobs: list[list[float]],
 
 def _entry(forget_scores, holdout_scores) -> dict:
     """OU's layout; a model whose scores are NaN has no ranking: the AUC is null, the run goes on."""
-    forget = text_metrics.scores_of(forget_scores, "forget_scores")
-    holdout = text_metrics.scores_of(holdout_scores, "holdout_scores")
+    forget = scores_of(forget_scores, "forget_scores")
+    holdout = scores_of(holdout_scores, "holdout_scores")
     if np.isnan(forget).any() or np.isnan(holdout).any():
         return {"forget": {"agg_value": None}, "holdout": {"agg_value": None}, "auc": None,
                 "agg_value": None}

@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ngdiff_ds.errors import DataError
-from ngdiff_ds.eval.results import MetricResult
+from ngdiff_ds.eval.results import MetricResult, json_safe
 
 # configs/eval/tofu.yaml, in its order.
 TOFU_SUMMARY_KEYS = (
@@ -177,9 +177,9 @@ def _entry_layout(benchmark: str, name: str, entry: Any) -> Any:
         layout: dict[str, Any] = {"agg_value": entry.agg_value}
         if entry.value_by_index:  # set-level metrics have none in OU's files
             layout["value_by_index"] = entry.value_by_index
-        return _json_safe(layout, where)
+        return json_safe(layout, where)
     if isinstance(entry, Mapping):
-        return _json_safe(entry, where)
+        return json_safe(entry, where)
     raise TypeError(f"{where} is a {type(entry).__name__}, not a MetricResult or a dict "
                     "in the results layout")
 
@@ -236,31 +236,6 @@ def _describe_non_finite(value: Any) -> str:
 # --------------------------------------------------------------------------- JSON values
 
 
-def _json_safe(value: Any, where: str) -> Any:
-    """``value`` with NaN/inf as None, tuples and arrays as lists, and strings kept."""
-    if value is None or isinstance(value, (str, bool)):
-        return value
-    if isinstance(value, Mapping):
-        return {_json_key(key, where): _json_safe(item, f"{where}[{key!r}]") for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(item, f"{where}[{index}]") for index, item in enumerate(value)]
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        return _finite_or_none(float(value))
-    if hasattr(value, "tolist"):  # NumPy arrays and scalars, torch tensors
-        return _json_safe(value.tolist(), where)
-    raise TypeError(f"{where}: a {type(value).__name__} has no JSON form")
-
-
-def _json_key(key: Any, where: str) -> str:
-    if isinstance(key, str):
-        return key
-    if isinstance(key, numbers.Integral) and not isinstance(key, bool):
-        return str(int(key))  # OU's example indices are ints until json.dump makes them strings
-    raise TypeError(f"{where}: key {key!r} is neither a string nor an integer")
-
-
 def _finite_number(value: Any, where: str) -> float | None:
     if value is None:
         return None
@@ -275,8 +250,13 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _strict_json(payload: Any) -> str:
-    return json.dumps(payload, indent=4, allow_nan=False) + "\n"
+def _strict_json(payload: Any, indent: int = 4) -> str:
+    return json.dumps(payload, indent=indent, allow_nan=False) + "\n"
+
+
+def write_strict_json(path: str | Path, payload: Any, indent: int = 4) -> None:
+    """``payload`` as strict JSON (no NaN), written atomically (see ``_write_atomically``)."""
+    _write_atomically(Path(path), _strict_json(json_safe(payload, str(path)), indent))
 
 
 def _refuse_non_finite(token: str) -> None:

@@ -3,11 +3,9 @@ and open-unlearning's TOFU/MUSE files), the stdout table, and the trade-off plot
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
-from ngdiff_ds.eval.ou_files import write_ou_files
+from ngdiff_ds.eval.ou_files import write_ou_files, write_strict_json
 from ngdiff_ds.eval.results import summary as summarise
 from ngdiff_ds.eval.results import to_results
 
@@ -57,10 +55,8 @@ def write_results(results: dict, out_dir: str | Path, tag: str,
     summary = summarise(full)
     if settings:
         full[SETTINGS_KEY] = settings
-    _write_json(out_dir / f"{tag}_results.json", full, indent=1)
-    _write_json(out_dir / f"{tag}_summary.json",
-                {name: value if math.isfinite(value) else None for name, value in summary.items()},
-                indent=2)
+    write_strict_json(out_dir / f"{tag}_results.json", full, indent=1)
+    write_strict_json(out_dir / f"{tag}_summary.json", summary, indent=2)  # NaN -> null
     tofu, muse = ou_families(results)
     notes = {}
     if settings and muse:
@@ -68,15 +64,6 @@ def write_results(results: dict, out_dir: str | Path, tag: str,
                                                  "(--rouge-stemming)"}
     write_ou_files(out_dir / tag, tofu, muse, notes)
     return summary
-
-
-def _write_json(path: Path, payload, indent: int) -> None:
-    """Strict JSON (no NaN: ``to_results`` already wrote null), via a temporary file so that a
-    reader never sees half a file."""
-    text = json.dumps(payload, indent=indent, allow_nan=False)
-    partial = path.with_name(f".{path.name}.tmp")
-    partial.write_text(text)
-    partial.replace(path)
 
 
 def format_table(columns: dict[str, dict[str, float]]) -> str:

@@ -10,6 +10,7 @@ JSON-ready dict and ``summary`` the name -> ``agg_value`` table.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Literal, Mapping, Sequence
@@ -43,7 +44,7 @@ class MetricResult:
         return {
             "agg_value": _json_number(self.agg_value),
             "value_by_index": {
-                index: {name: _json_value(value) for name, value in values.items()}
+                index: {name: json_safe(value) for name, value in values.items()}
                 for index, values in self.value_by_index.items()
             },
         }
@@ -57,7 +58,7 @@ def to_results(metrics: Mapping[str, MetricResult | Mapping[str, Any]]) -> dict[
     dicts already in this format (kept whole: a membership attack's ``forget``, ``holdout``
     and ``auc`` beside its ``agg_value``).
     """
-    return {name: result.to_dict() if isinstance(result, MetricResult) else _json_value(result)
+    return {name: result.to_dict() if isinstance(result, MetricResult) else json_safe(result, name)
             for name, result in metrics.items()}
 
 
@@ -89,19 +90,32 @@ def _json_number(value: Any) -> Any:
     return value if math.isfinite(value) else None
 
 
-def _json_value(value: Any) -> Any:
-    """Strict-JSON form of a results entry: strings kept, mappings and sequences converted
-    item by item (a membership attack's ``forget`` / ``holdout`` parts), numbers through
-    ``_json_number``."""
-    if isinstance(value, str):
+def json_safe(value: Any, where: str = "a results entry") -> Any:
+    """Strict-JSON form of a results entry: NaN and +-inf as None, strings and bools kept,
+    integers kept, mappings (integer keys as strings: example indices) and sequences item by
+    item, NumPy / torch values through ``tolist``; ``TypeError`` naming ``where`` otherwise."""
+    if value is None or isinstance(value, (str, bool)):
         return value
     if isinstance(value, Mapping):
-        return {str(key): _json_value(item) for key, item in value.items()}
+        return {_json_key(key, where): json_safe(item, f"{where}[{key!r}]")
+                for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_value(item) for item in value]
-    if hasattr(value, "tolist"):  # numpy or torch values
-        return _json_value(value.tolist())
-    return _json_number(value)
+        return [json_safe(item, f"{where}[{index}]") for index, item in enumerate(value)]
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return _json_number(value)
+    if hasattr(value, "tolist"):  # NumPy arrays and scalars, torch tensors
+        return json_safe(value.tolist(), where)
+    raise TypeError(f"{where}: a {type(value).__name__} has no JSON form")
+
+
+def _json_key(key: Any, where: str) -> str:
+    if isinstance(key, str):
+        return key
+    if isinstance(key, numbers.Integral) and not isinstance(key, bool):
+        return str(int(key))
+    raise TypeError(f"{where}: key {key!r} is neither a string nor an integer")
 
 
 def by_index(**per_example: np.ndarray) -> dict[str, dict[str, float]]:

@@ -113,7 +113,6 @@ class EvalOptions:
         return {"tofu_max_new_tokens": self.max_new_tokens,
                 "verbmem_max_new_tokens": self.verbmem_max_new_tokens,
                 "knowmem_max_new_tokens": self.knowmem_max_new_tokens,
-                "muse_rouge_stemmer": self.use_stemmer,
                 "rouge_stemming": "open-unlearning" if self.use_stemmer else "muse"}
 
 
