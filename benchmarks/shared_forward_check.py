@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ngdiff_ds.config import BatchLayout, engine_config  # noqa: E402
 from ngdiff_ds.data.task import load_task  # noqa: E402
 from ngdiff_ds.default.assets import ensure_default_assets  # noqa: E402
-from ngdiff_ds.distributed import init_distributed  # noqa: E402
+from ngdiff_ds.distributed import init_distributed, leave_distributed  # noqa: E402
 from ngdiff_ds.engine import build_engine, load_tokenizer  # noqa: E402
 from ngdiff_ds.losses import FORGET_LOSSES, IGNORE_INDEX, RETAIN_LOSSES  # noqa: E402
 from ngdiff_ds.run_log import RunLog  # noqa: E402
@@ -93,3 +93,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    leave_distributed()

@@ -101,7 +101,7 @@ from step_overhead import METHOD, random_batches, synchronize  # noqa: E402
 from ngdiff_ds import trainer  # noqa: E402
 from ngdiff_ds.adaptive_lr import AdaptiveLRConfig  # noqa: E402
 from ngdiff_ds.config import BatchLayout, engine_config, read_json  # noqa: E402
-from ngdiff_ds.distributed import barrier, init_distributed  # noqa: E402
+from ngdiff_ds.distributed import barrier, init_distributed, leave_distributed  # noqa: E402
 from ngdiff_ds.engine import build_engine, set_learning_rate  # noqa: E402
 from ngdiff_ds.errors import BadInput  # noqa: E402
 from ngdiff_ds.lr_probe import AdaptiveRate  # noqa: E402
@@ -903,7 +903,7 @@ def main(argv=None) -> None:
         record = build_record(args, built, states, memory, predictions, world_size, micro_batch,
                               config, rank_memory, hosts, on_cuda, load_at_start)
         write_outputs(record, Path(args.output_dir))
-    barrier()
+    leave_distributed()
 
 
 if __name__ == "__main__":

@@ -130,6 +130,21 @@ def barrier() -> None:
         dist.barrier()
 
 
+def leave_distributed() -> None:
+    """End a successful run: wait for every rank, then tear the process group down.
+
+    Without this the group is destroyed during interpreter shutdown, where gloo's worker
+    threads can outlive it: the process then aborts ("terminate called without an active
+    exception", exit -6) after its work is done, and the launcher reports a failed job.
+    The barrier (over every rank) keeps a rank that finished early from tearing down while
+    another still runs a collective. Only for the success path: on an error a peer may be
+    stuck in a collective, and the launcher ends the job anyway.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _share_cpu_threads() -> None:
     """On CPU, give each local rank its share of the cores unless OMP_NUM_THREADS says otherwise.
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ngdiff_ds.distributed import leave_distributed
 from ngdiff_ds.job import JobSettings, start_job
 from ngdiff_ds.memory import MemorySettings
 from ngdiff_ds.settings import invalid, option
@@ -47,6 +48,7 @@ def finetune(job_settings: JobSettings, settings: FinetuneSettings,
                             warmup_steps=settings.warmup_steps)
         job.log.print(f"final training loss {loss:.4f}")
         save_hf_model(built, tokenizer, Path(settings.output_dir) / "model")
+        leave_distributed()
         return loss
     finally:
         job.log.close()

@@ -27,7 +27,7 @@ import torch
 from ngdiff_ds.adaptive_lr import AdaptiveLRConfig
 from ngdiff_ds.checkpoint import CheckpointSettings
 from ngdiff_ds.combine import COMBINE_RULES
-from ngdiff_ds.distributed import is_main_process, rank_and_world_size
+from ngdiff_ds.distributed import is_main_process, leave_distributed, rank_and_world_size
 from ngdiff_ds.errors import ConfigError
 from ngdiff_ds.eval.suite import EvalSettings
 from ngdiff_ds.job import Job, JobSettings, start_job
@@ -191,7 +191,9 @@ def unlearn(job_settings: JobSettings, settings: UnlearnSettings, rate: Adaptive
     try:
         run = _Run(job, settings, rate, evaluation_settings, checkpoints or CheckpointSettings(),
                    forget_split, retain_split, memory)
-        return run.execute()
+        summary = run.execute()
+        leave_distributed()
+        return summary
     finally:
         job.log.close()
 

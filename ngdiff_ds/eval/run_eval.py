@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ngdiff_ds.distributed import is_main_process
+from ngdiff_ds.distributed import is_main_process, leave_distributed
 from ngdiff_ds.engine import build_inference_engine, resolve_model
 from ngdiff_ds.eval.report import format_table, plot_trajectory, write_results
 from ngdiff_ds.eval.results import summary as summarise
@@ -136,6 +136,7 @@ def evaluate_saved_model(job_settings: JobSettings, settings: EvaluateSettings,
         summary = evaluation.run(built.engine, "model", None)
         evaluation.finish()
         job.log.print(f"results written to {settings.output_dir}")
+        leave_distributed()
         return summary
     finally:
         job.log.close()
