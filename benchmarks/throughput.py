@@ -15,7 +15,10 @@ mode runs on that one engine, the same optimizer (torch AdamW) and the same rand
 - ``ngdiff``: ``trainer.ngdiff_step`` (forget pass, capture, retain pass, the one all-reduce,
   combine, step) at a fixed rate;
 - ``ngdiff_adaptive``: the same with the adaptive rate (``lr_probe.AdaptiveRate``) at its
-  default period, probing and fitting after its fit steps as ``run_unlearning`` does;
+  default period, probing and fitting after its fit steps as ``run_unlearning`` does — at a
+  fixed period and with no backtracking (``max_rise 0``, no refits), so the cost measured is
+  that of the three probe forwards per fit; on real data a backtrack adds 1-3 forwards and a
+  refit one more fit (lr_robustness.py counts them per run);
 - ``floor``: stock ZeRO-3 doing the same forward/backward work: K forget and K retain
   micro-batches, forward + ``engine.backward`` each (accumulated), one ``engine.step``; no
   capture, no norms, no combine;
@@ -882,7 +885,10 @@ def main(argv=None) -> None:
                          MemorySettings(gradient_checkpointing=args.gradient_checkpointing))
     timer = PhaseTimer()
     instrument(built, timer)
-    rate = AdaptiveRate(AdaptiveLRConfig(period=args.period), LR, tasks[0], tasks[1], METHOD,
+    # a fixed probe cost per period: random tokens would make the rise budget's backtracks
+    # and refits a property of the random data, not of the engine
+    rate = AdaptiveRate(AdaptiveLRConfig(period=args.period, max_rise=0.0,
+                                         refit_when_far=False), LR, tasks[0], tasks[1], METHOD,
                         SilentLog())
     states = [ModeState(mode, rate if mode == "ngdiff_adaptive" else None)
               for mode in MODES if mode in args.modes]

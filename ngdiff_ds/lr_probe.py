@@ -12,7 +12,10 @@ The probe loss is measured at ``theta_old + s * delta`` for each multiple ``s``,
 step's batch: on the step's own batch the profile always looks downhill (the direction
 contains that batch's normalised retain gradient), which drove the rate up without bound.
 The weights are restored bit for bit and the optimizer is never called, so its moments and
-step counts are untouched. The fit itself is pure (adaptive_lr.py).
+step counts are untouched. When the step raised the probe loss by more than the backtracking
+threshold, shorter multiples are probed the same way until one is within the rise budget,
+and the weights are moved to it (``shorten_step``: the step retaken at that multiple of its
+rate). The decisions themselves are pure (adaptive_lr.py).
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ class AdaptiveRate:
 
     def probes_after(self, step: int) -> bool:
         """Whether step ``step`` (0-based) is followed by probes and a fit."""
-        return adaptive_lr.is_fit_step(self.config, step + 1)
+        return adaptive_lr.is_fit_step(self.config, step + 1, self.state)
 
     def _probe_batches(self, step: int, device) -> list:
         rank, _ = rank_and_world_size()
@@ -88,17 +91,51 @@ class AdaptiveRate:
         return probes
 
     def probe_and_fit(self, built, step: int, step_delta: torch.Tensor) -> adaptive_lr.FitResult:
-        """Probe along ``step_delta`` on step ``step + 1``'s batch, fit, update and log."""
+        """Probe along ``step_delta`` on step ``step + 1``'s batch, fit (or backtrack: shorten
+        the step just taken), update and log."""
+        config = self.config
         start = time.perf_counter()
-        losses = probe_losses(built, step_delta, self.config.multiples,
-                              self._probe_batches(step + 1, built.device))
+        probes = self._probe_batches(step + 1, built.device)
+        losses = probe_losses(built, step_delta, config.multiples, probes)
+        loss_before, loss_after = losses[config.multiples.index(0.0)], None
+        if 1.0 in config.multiples:
+            loss_after = losses[config.multiples.index(1.0)]
+        if loss_after is not None and adaptive_lr.needs_backtrack(config, loss_before, loss_after):
+            tried, tried_losses = self._backtrack(built, step_delta, probes, losses)
+            self.state, fit = adaptive_lr.backtrack(self.state, config, losses, tried,
+                                                    tried_losses)
+            built.partitions.shorten_step(step_delta, fit.step_multiple)
+        else:
+            self.state, fit = adaptive_lr.update(self.state, config, losses)
         probe_time = time.perf_counter() - start
-        self.state, fit = adaptive_lr.update(self.state, self.config, losses)
         self.log.record("lr_fit", step, {**{k: v for k, v in fit.to_dict().items()
                                             if not isinstance(v, list)}, "probe_time": probe_time})
-        self.log.print(f"step {step:5d} | lr fit: {self.config.probe_loss} loss "
-                       + ", ".join(f"L({m:+g})={v:.4f}" for m, v in zip(fit.multiples, fit.losses))
-                       + f" -> {fit.reason}"
-                       + (f", s*={fit.optimal_multiple:.3g}" if fit.accepted else "")
-                       + f"; base lr {fit.lr_before:.3g} -> {fit.lr_after:.3g}")
+        self.log.print(_fit_line(config, step, fit))
         return fit
+
+    def _backtrack(self, built, step_delta, probes, losses: list[float]):
+        """Probe ever shorter steps until one is within the rise budget (every rank takes the
+        same decisions: the losses are all-reduced)."""
+        loss_before = losses[self.config.multiples.index(0.0)]
+        tried, tried_losses = [], []
+        for multiple in adaptive_lr.backtrack_multiples(self.config, losses):
+            tried.append(multiple)
+            tried_losses.append(probe_losses(built, step_delta, [multiple], probes)[0])
+            if not adaptive_lr.exceeds_budget(self.config, loss_before, tried_losses[-1]):
+                break
+        return tried, tried_losses
+
+
+def _fit_line(config: adaptive_lr.AdaptiveLRConfig, step: int, fit: adaptive_lr.FitResult) -> str:
+    line = (f"step {step:5d} | lr fit: {config.probe_loss} loss "
+            + ", ".join(f"L({m:+g})={v:.4f}" for m, v in zip(fit.multiples, fit.losses))
+            + f" -> {fit.reason}")
+    if fit.accepted:
+        line += f", s*={fit.optimal_multiple:.3g}"
+    if fit.rule == "rise budget":
+        line += f"; rate for the rise budget {config.max_rise:g}"
+    if fit.rule == "backtrack":
+        line += (f"; step shortened to {fit.step_multiple:.3g} x after "
+                 f"{len(fit.backtrack_losses)} tries (last L={fit.backtrack_losses[-1]:.4f})")
+    return line + f"; base lr {fit.lr_before:.3g} -> {fit.lr_after:.3g}" + \
+        (" (refit after the next step)" if fit.refit_next else "")

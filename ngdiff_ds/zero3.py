@@ -230,6 +230,19 @@ class ZeroPartitions:
         """Forward weights <- current weights + ``scale`` * ``step_delta`` (flat, this rank)."""
         self._write_forward_weights(step_delta if scale != 0 else None, scale)
 
+    @torch.no_grad()
+    def shorten_step(self, step_delta: torch.Tensor, multiple: float) -> None:
+        """Weights (master and forward) <- theta_old + ``multiple`` * delta: the step just
+        taken, retaken at ``multiple`` times its rate. Exact for the optimizers used here
+        (SGD with momentum, Adam/AdamW with decoupled decay): their step is linear in the rate,
+        and their moments and step counts do not depend on it, so nothing else changes."""
+        for chunk, master in zip(step_delta.narrow(0, 0, self.numel).split(self.group_numels),
+                                 self.master_weights):
+            master.add_(chunk.to(master.device, master.dtype), alpha=multiple - 1.0)
+        self._probe_source = self.master_weights  # the forward weights are re-cast from it
+        self._write_forward_weights(None, 0.0)
+        self._probe_source = None
+
     def end_probes(self) -> None:
         """Restore the weights saved by ``begin_probes`` exactly."""
         self._write_forward_weights(None, 0.0)

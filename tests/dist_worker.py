@@ -40,10 +40,12 @@ class RecordingRate(AdaptiveRate):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.probe_losses = {}
+        self.backtracks = {}  # step -> (the multiple the step was shortened to, tries' losses)
 
     def probe_and_fit(self, built, step, step_delta):
         fit = super().probe_and_fit(built, step, step_delta)
         self.probe_losses[step] = fit.losses
+        self.backtracks[step] = (fit.step_multiple, fit.backtrack_losses)
         return fit
 
 
@@ -114,7 +116,8 @@ def main():
             if rank == 0:
                 torch.save({k: v.clone() for k, v in state.items()}, out / f"{name}.pt")
                 (out / f"{name}.json").write_text(json.dumps(
-                    [dict(s.as_dict(), probe_losses=rate.probe_losses.get(s.step)) for s in history]))
+                    [dict(s.as_dict(), probe_losses=rate.probe_losses.get(s.step),
+                          backtrack=rate.backtracks.get(s.step)) for s in history]))
                 (out / f"{name}_layer0_calls.json").write_text(json.dumps(layer_calls[0]))
                 (out / f"{name}_optimizer.json").write_text(
                     json.dumps(type(built.engine.optimizer.optimizer).__name__))

@@ -10,6 +10,8 @@ gradient flattened into float64 vectors, norms and the NGDiff direction in float
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -73,16 +75,50 @@ def _retain_loss_at(model, examples, indices, params, theta, offset=None, scale=
     return loss
 
 
-def _fitted_rate(lr: float, losses: list[float], adaptive: dict) -> float:
-    """GeN with probes at s = -1, 0, +1: exact parabola, accept if convex and downhill."""
+def _set_params(params, theta: torch.Tensor) -> None:
+    with torch.no_grad():
+        start = 0
+        for p in params:
+            p.copy_(theta[start:start + p.numel()].view_as(p).to(p.dtype))
+            start += p.numel()
+
+
+def _budget_root(losses: list[float], max_rise: float) -> float:
+    """Smallest s > 0 where the parabola through the probes at -1, 0, +1 has risen by
+    ``max_rise * |L(0)|`` (numpy's roots); inf when it never does."""
     import numpy as np
 
     curvature, slope, _ = np.polyfit([-1.0, 0.0, 1.0], losses, 2)
-    if not (curvature > 1e-8 * abs(losses[1]) and slope < 0):
-        return lr
-    proposal = min(max(-slope / (2 * curvature) * lr, adaptive["clip_low"] * lr),
-                   adaptive["clip_high"] * lr)
-    return (1 - adaptive["smoothing"]) * lr + adaptive["smoothing"] * proposal
+    roots = np.roots([curvature, slope, -max_rise * abs(losses[1])])
+    ahead = [r.real for r in roots if abs(r.imag) < 1e-12 and r.real > 0]
+    return min(ahead) if ahead else float("inf")
+
+
+def _fitted_rate(lr: float, losses: list[float], adaptive: dict) -> tuple[float, bool]:
+    """(next rate, refit after the next step) from probes at s = -1, 0, +1.
+
+    Without a rise budget (``max_rise`` 0): GeN, exact parabola, accepted if convex and
+    downhill. With one: the budget root, for any finite profile, clipped to [clip_low, 2]
+    ([clip_low, clip_high] on a flat profile). Both smoothed; a target outside [0.5, 2] asks
+    for a refit.
+    """
+    import numpy as np
+
+    curvature, slope, _ = np.polyfit([-1.0, 0.0, 1.0], losses, 2)
+    max_rise = adaptive.get("max_rise", 0.0)
+    far = lambda multiple: not 0.5 <= multiple <= 2.0  # noqa: E731
+    if max_rise > 0:  # log-space smoothing: lr * clip(multiple) ** beta
+        multiple = _budget_root(losses, max_rise)
+        # growth beyond x2 only when every probe is within a tenth of the budget of L(0)
+        flat = max(abs(v - losses[1]) for v in losses) <= 0.1 * max_rise * abs(losses[1])
+        high = adaptive["clip_high"] if flat else min(2.0, adaptive["clip_high"])
+        clipped = min(max(multiple, adaptive["clip_low"]), high)
+        return lr * math.exp(adaptive["smoothing"] * math.log(clipped)), far(multiple)
+    if curvature > 1e-8 * abs(losses[1]) and slope < 0:
+        multiple = -slope / (2 * curvature)
+        proposal = min(max(multiple * lr, adaptive["clip_low"] * lr), adaptive["clip_high"] * lr)
+        return (1 - adaptive["smoothing"]) * lr + adaptive["smoothing"] * proposal, far(multiple)
+    return lr, False
 
 
 def reference_run(model_dir: str, data_dir: str, optimizer_config: dict, global_batch: int,
@@ -94,9 +130,13 @@ def reference_run(model_dir: str, data_dir: str, optimizer_config: dict, global_
     ``lora`` (keys r, alpha, targets): train LoRA adapters only (``_with_lora``); the norms
     and the direction are then those of the adapter gradients.
 
-    ``adaptive`` (keys period, smoothing, clip_low, clip_high) turns on the GeN rate with the
-    retain loss probed at theta_old - delta, theta_old and theta_old + delta after every
-    ``period``-th step, on the next step's retain batch.
+    ``adaptive`` (keys period, smoothing, clip_low, clip_high; optional max_rise,
+    max_backtracks) turns on the adaptive rate with the retain loss probed at
+    theta_old - delta, theta_old and theta_old + delta after every ``period``-th step (and
+    after the step following a fit that asked for a refit), on the next step's retain batch.
+    With ``max_rise`` > 0, a step that raised the probe by more than ``backtrack_rise *
+    |L(0)|`` is retaken at the longest of r, r/2, r/4, ... whose rise is within
+    ``max_rise * |L(0)|`` (backtracking; r: where the probes' parabola rises by that).
     """
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -111,6 +151,7 @@ def reference_run(model_dir: str, data_dir: str, optimizer_config: dict, global_
     stats = []
     params = [p for p in model.parameters() if p.requires_grad]
     lr = optimizer.param_groups[0]["lr"]
+    refit = False  # the last fit asked for another right after the next step
     for step in range(steps):
         losses, grads = {}, {}
         for name, (examples, batches) in tasks.items():
@@ -137,7 +178,7 @@ def reference_run(model_dir: str, data_dir: str, optimizer_config: dict, global_
                   "forget_grad_norm": forget_norm, "retain_grad_norm": retain_norm,
                   "cosine": float(grads["forget"] @ grads["retain"]) / (forget_norm * retain_norm),
                   "lr": lr}
-        if adaptive is not None and step % adaptive["period"] == 0:
+        if adaptive is not None and (step % adaptive["period"] == 0 or refit):
             theta_new = torch.cat([p.detach().reshape(-1).double() for p in params])
             delta = theta_new - theta_old
             examples, batches = tasks["retain"]
@@ -146,7 +187,26 @@ def reference_run(model_dir: str, data_dir: str, optimizer_config: dict, global_
                       _retain_loss_at(model, examples, indices, params, theta_old),
                       _retain_loss_at(model, examples, indices, params, theta_new)]
             record["probe_losses"] = probes
-            lr = _fitted_rate(lr, probes, adaptive)
+            budget = adaptive.get("max_rise", 0.0) * abs(probes[1])
+            threshold = adaptive.get("backtrack_rise", 0.05) * abs(probes[1])
+            if adaptive.get("max_rise", 0.0) > 0 and not probes[2] - probes[1] <= threshold:
+                # backtracking: from the budget root of the probes' parabola, halve the step
+                # until the rise is within the budget, then retake the step there (for SGD:
+                # the step at that multiple of the rate)
+                first, tries = _budget_root(probes, adaptive["max_rise"]), []
+                for k in range(adaptive.get("max_backtracks", 12)):
+                    multiple = first * 0.5 ** k
+                    tries.append((multiple, _retain_loss_at(model, examples, indices, params,
+                                                            theta_old, delta, multiple)))
+                    if tries[-1][1] - probes[1] <= budget:
+                        break
+                within = [m for m, loss in tries if loss - probes[1] <= budget]
+                multiple = max(within) if within else min(m for m, _ in tries)
+                _set_params(params, theta_old + multiple * delta)
+                record["step_multiple"], record["backtrack_losses"] = multiple, [v for _, v in tries]
+                lr, refit = lr * math.exp(adaptive["smoothing"] * math.log(multiple)), True
+            else:
+                lr, refit = _fitted_rate(lr, probes, adaptive)
         stats.append(record)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, stats
 

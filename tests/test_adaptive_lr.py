@@ -1,6 +1,8 @@
-"""Tests for ngdiff_ds.adaptive_lr: parabola fit, acceptance, clipping, smoothing, schedules.
+"""Tests for ngdiff_ds.adaptive_lr: parabola fit, acceptance, clipping, smoothing, schedules,
+and the rise budget with backtracking.
 
 Expected numbers are computed independently of the module (closed forms, numpy.polyfit).
+``make_config`` turns the rise budget off (GeN's published rule) unless a test asks for it.
 """
 
 import copy
@@ -15,7 +17,12 @@ from ngdiff_ds.errors import ConfigError
 from ngdiff_ds.adaptive_lr import (
     AdaptiveLRConfig,
     AdaptiveLRState,
+    backtrack,
+    backtrack_multiples,
+    budget_multiple,
     effective_lr,
+    exceeds_budget,
+    needs_backtrack,
     fit_parabola,
     is_fit_step,
     schedule_factor,
@@ -32,7 +39,7 @@ def shifted_parabola(a, s0, c, multiples):
 
 
 def make_config(**overrides):
-    config = AdaptiveLRConfig(**overrides)
+    config = AdaptiveLRConfig(**{"max_rise": 0.0, **overrides})
     config.validate()
     return config
 
@@ -267,6 +274,13 @@ def test_is_fit_step_period_and_warmup():
         ("warmup_steps", {"warmup_steps": -1}),
         ("min_r2", {"min_r2": 1.5}),
         ("min_schedule_factor", {"min_schedule_factor": 2.0}),
+        ("max_rise", {"max_rise": -0.1}),
+        ("max_rise", {"max_rise": math.inf}),
+        ("multiples", {"multiples": (-1.0, 0.0, 2.0)}),  # budget on: the step itself needed
+        ("backtrack_factor", {"backtrack_factor": 1.0}),
+        ("backtrack_rise", {"max_rise": 0.02, "backtrack_rise": 0.01}),
+        ("probe_loss", {"max_rise": 0.01, "probe_loss": "both"}),
+        ("max_backtracks", {"max_backtracks": 0}),
     ],
 )
 def test_config_validation_names_the_field(field, overrides):
@@ -357,3 +371,168 @@ def test_gradient_descent_with_fitted_rate_recovers_from_bad_start(start_factor,
     assert all(lower * (1 - 1e-9) <= r <= upper * (1 + 1e-9) for r in rates[reached:]), trajectory
 
     assert gaps[-1] < 1e-6 * gaps[0], f"{trajectory}; f - f* from {gaps[0]:.3g} to {gaps[-1]:.3g}"
+
+
+# ---------------------------------------------------------------- rise budget, backtracking
+
+
+def budget_config(**overrides):
+    return make_config(**{"max_rise": 0.01, "smoothing": 1.0, **overrides})
+
+
+def test_exceeds_budget_is_relative_to_the_loss_before_the_step():
+    config = budget_config(max_rise=0.05, backtrack_rise=0.05)
+    assert not exceeds_budget(config, 2.0, 2.0 + 0.099)   # 4.95 % rise
+    assert exceeds_budget(config, 2.0, 2.0 + 0.101)        # 5.05 %
+    assert exceeds_budget(config, -2.0, -2.0 + 0.101)      # |L(0)| for a negative loss
+    assert exceeds_budget(config, 2.0, math.nan)
+    assert exceeds_budget(config, 2.0, math.inf)
+    assert not exceeds_budget(config, 2.0, 1.0)            # a fall is always within
+    assert not exceeds_budget(make_config(max_rise=0.0), 2.0, 100.0)  # budget off
+
+
+def test_only_a_rise_above_the_backtrack_threshold_shortens_the_step():
+    config = budget_config(max_rise=0.01, backtrack_rise=0.05)
+    assert not needs_backtrack(config, 1.0, 1.049)  # over the budget: steers the rate only
+    assert exceeds_budget(config, 1.0, 1.049)
+    assert needs_backtrack(config, 1.0, 1.051)
+    assert needs_backtrack(config, 1.0, math.nan)
+    assert not needs_backtrack(make_config(max_rise=0.0, backtrack_rise=0.0), 1.0, 100.0)
+
+
+@pytest.mark.parametrize("curvature, slope, expected", [
+    (1.0, -1.0, (1.0 + math.sqrt(1.0 + 4 * 0.02)) / 2),  # convex, downhill: beyond 2 s* = 1
+    (1.0, 0.5, (-0.5 + math.sqrt(0.25 + 4 * 0.02)) / 2),  # convex, uphill
+    (0.0, 0.04, 0.5),                                      # a line rising 0.04 per step
+    (0.0, -0.04, math.inf),                                # a falling line never rises
+    (-1.0, 0.1, (0.1 - math.sqrt(0.01 - 4 * 0.02)) / 2 if 0.01 >= 0.08 else math.inf),
+    (-1.0, 0.5, (0.5 - math.sqrt(0.25 - 4 * 0.02)) / 2),   # concave, crosses on the way up
+])
+def test_budget_multiple_solves_the_rise_equation(curvature, slope, expected):
+    """budget = 0.01 * |L(0)| = 0.02: the smallest s > 0 with a s^2 + b s = 0.02, by hand."""
+    got = budget_multiple(budget_config(), curvature, slope, 2.0)
+    assert got == pytest.approx(expected, rel=1e-12) if math.isfinite(expected) else got == expected
+    if math.isfinite(got):
+        assert curvature * got ** 2 + slope * got == pytest.approx(0.02, rel=1e-9)
+
+
+def test_rise_budget_sets_the_rate_that_spends_the_budget():
+    """A linear rise of 0.8 % of L(0) per step with budget 1 %: the step may be 1.25x longer."""
+    config = budget_config(smoothing=1.0)
+    losses = [1.0 - 0.008, 1.0, 1.0 + 0.008]  # L(s) = 1 + 0.008 s: "non-positive curvature"
+    state, result = update(AdaptiveLRState(lr=1e-4), config, losses)
+    assert result.rule == "rise budget" and result.reason == "non-positive curvature"
+    assert state.lr == pytest.approx(1.25e-4, rel=1e-9)
+    assert not result.refit_next  # a x1.25 target is not "far" ([0.5, 2] is near)
+    # target x2.5: far (a refit follows), and growth is capped at x2 (the profile is not flat)
+    _, far = update(AdaptiveLRState(lr=1e-4), config, [1.0 - 0.004, 1.0, 1.0 + 0.004])
+    assert far.refit_next and far.lr_after == pytest.approx(2e-4, rel=1e-9)
+
+
+def test_a_falling_profile_grows_the_rate_at_most_2x_a_flat_one_10x():
+    config = budget_config(smoothing=1.0, clip_high=10.0)
+    falling = [1.04, 1.0, 0.96]  # the retain loss improves along the step: no budget root
+    _, result = update(AdaptiveLRState(lr=1e-4), config, falling)
+    assert result.lr_after == pytest.approx(2e-4) and result.refit_next
+    flat = [1.0 + 1e-4, 1.0, 1.0 - 1e-4]  # under a tenth of the budget 0.01 either way
+    _, result = update(AdaptiveLRState(lr=1e-4), config, flat)
+    assert result.lr_after == pytest.approx(1e-3)
+
+
+def test_rise_budget_overrides_a_convex_minimum_and_is_smoothed():
+    """GeN would set s* = 0.5; the budget allows s = 0.5 + sqrt(0.25 + 0.01); smoothing 0.5
+    in log space: the rate moves by its square root."""
+    config = budget_config(smoothing=0.5)
+    losses = shifted_parabola(1.0, 0.5, 1.0 - 0.25, THREE_POINTS)  # L(s) = s^2 - s + 1
+    state, result = update(AdaptiveLRState(lr=1.0), config, losses)
+    assert result.accepted and result.optimal_multiple == pytest.approx(0.5)
+    target = 0.5 + math.sqrt(0.25 + 0.01)
+    assert state.lr == pytest.approx(math.sqrt(target), rel=1e-9)
+
+
+def test_flat_profile_grows_the_rate_to_the_clip_and_asks_for_a_refit():
+    config = budget_config(smoothing=0.5, clip_high=10.0)
+    state, result = update(AdaptiveLRState(lr=1e-6), config, [0.13, 0.13, 0.13])
+    assert state.lr == pytest.approx(1e-6 * math.sqrt(10.0))  # target inf, clipped to 10
+    assert result.refit_next and state.refit_next
+    assert is_fit_step(config, 7, state)  # any step, not only every period
+    assert not is_fit_step(make_config(refit_when_far=False), 7, state)
+
+
+@pytest.mark.parametrize("losses, reason", [([math.nan, 1.0, 1.0], "non-finite loss")])
+def test_a_failed_measurement_keeps_the_rate_with_the_budget_on(losses, reason):
+    state, result = update(AdaptiveLRState(lr=0.3), budget_config(), losses)
+    assert (result.rule, result.reason, state.lr) == ("kept", reason, 0.3)
+
+
+def test_backtrack_keeps_the_longest_try_within_the_budget():
+    config = budget_config(max_rise=0.01, backtrack_factor=0.5, max_backtracks=6)
+    losses = [4.2, 0.13, 3.28]  # the 1e-2 start of the embedded default, measured
+    # first where the parabola through the probes rises by 0.0013, by hand: a = 3.61, b = -0.46
+    first = (0.46 + math.sqrt(0.46 ** 2 + 4 * 3.61 * 0.0013)) / (2 * 3.61)
+    assert backtrack_multiples(config, losses) == pytest.approx(
+        [first * 0.5 ** k for k in range(6)], rel=1e-9)
+    assert backtrack_multiples(config, [1.0, 1.0, math.nan]) == [0.5 ** k for k in range(1, 7)]
+    tried = [0.5, 0.25, 0.125]
+    tried_losses = [1.0, 0.2, 0.13 + 0.0012]  # the third is within 0.01 * 0.13 = 0.0013
+    state, result = backtrack(AdaptiveLRState(lr=1e-2, num_fits=1), config, losses, tried,
+                              tried_losses)
+    assert result.rule == "backtrack" and not result.accepted
+    assert result.step_multiple == 0.125
+    assert state.lr == pytest.approx(1e-2 * 0.125)  # smoothing 1 (budget_config)
+    smoothed, _ = backtrack(AdaptiveLRState(lr=1e-2), budget_config(smoothing=0.5), losses,
+                            tried, tried_losses)
+    assert smoothed.lr == pytest.approx(1e-2 * math.sqrt(0.125))
+    assert state.refit_next and state.num_backtracks == 1 and state.num_fits == 2
+    assert "over the budget" in result.reason
+    # none within: the shortest try
+    _, none_within = backtrack(AdaptiveLRState(lr=1e-2), config, losses, tried, [1.0, 0.9, 0.8])
+    assert none_within.step_multiple == 0.125
+
+
+def test_state_with_budget_fields_round_trips_and_old_checkpoints_load():
+    state, _ = backtrack(AdaptiveLRState(lr=1.0), budget_config(), [1.0, 1.0, 2.0], [0.5],
+                         [1.005])
+    text = json.dumps(state.to_dict())
+    restored = AdaptiveLRState.from_dict(json.loads(text))
+    assert json.dumps(restored.to_dict()) == text
+    assert restored.refit_next and restored.num_backtracks == 1 and restored.lr == 0.5
+    old = {"lr": 0.1, "num_fits": 3, "num_accepted": 1, "num_rejected": 2, "last_fit": None}
+    assert AdaptiveLRState.from_dict(old) == AdaptiveLRState(lr=0.1, num_fits=3, num_accepted=1,
+                                                             num_rejected=2)
+
+
+@pytest.mark.parametrize("start_factor", [1e-4, 1e4])
+def test_budget_and_backtracking_find_the_rate_of_a_quadratic_from_far_away(start_factor):
+    """Gradient descent on a convex quadratic from a rate 1e4 x too small or too large: the
+    loss rises at most by the backtracking threshold (5 %) after any step, and
+    the rate ends within a factor 10 of the stable range."""
+    a, b, eig_min, eig_max = _convex_quadratic()
+
+    def objective(x):
+        return float(0.5 * x @ a @ x - b @ x)
+
+    config = budget_config(period=1, smoothing=0.5, max_backtracks=30)
+    state = AdaptiveLRState(lr=start_factor / eig_max)
+    x = torch.zeros(a.shape[0], dtype=torch.float64)
+    for step in range(1, 61):
+        x_old = x
+        delta = -effective_lr(state, config, step - 1) * (a @ x_old - b)
+        x = x_old + delta
+        assert is_fit_step(config, step, state)
+        losses = [objective(x_old + s * delta) for s in config.multiples]
+        if needs_backtrack(config, losses[1], losses[2]):
+            tried, tried_losses = [], []
+            for multiple in backtrack_multiples(config, losses):
+                tried.append(multiple)
+                tried_losses.append(objective(x_old + multiple * delta))
+                if not exceeds_budget(config, losses[1], tried_losses[-1]):
+                    break
+            state, result = backtrack(state, config, losses, tried, tried_losses)
+            x = x_old + result.step_multiple * delta
+        else:
+            state, _ = update(state, config, losses)
+        assert objective(x) - objective(x_old) <= 0.05 * abs(objective(x_old)) + 1e-12
+    assert 0.1 / eig_max <= state.lr <= 10 * 2 / eig_max
+    optimum = objective(torch.linalg.solve(a, b))
+    assert objective(x) - optimum < 0.5 * (objective(torch.zeros_like(x)) - optimum)

@@ -32,7 +32,9 @@ CPU_ADAMW = {"type": "AdamW", "params": {k: v for k, v in ADAMW["params"].items(
                                          if k != "torch_adam"}}
 LORA = {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj", "down_proj"]}
 GLOBAL_BATCH = 4  # examples of each task per step, in every layout below
-ADAPTIVE = {"period": 1, "smoothing": 0.5, "clip_low": 0.1, "clip_high": 10.0}
+# GeN's rule (rise budget off); BUDGET: the rise budget with backtracking, probes every step
+ADAPTIVE = {"period": 1, "smoothing": 0.5, "clip_low": 0.1, "clip_high": 10.0, "max_rise": 0.0}
+BUDGET = {**ADAPTIVE, "max_rise": 0.01, "backtrack_rise": 0.05}
 NO_PERSISTENT = {"stage3_param_persistence_threshold": 0}
 # On the tiny random model the probe profile is convex and downhill around SGD rate 3 (the
 # fit grows the rate a little) and badly overshot at 30 (the fit must cut it).
@@ -56,6 +58,14 @@ TWO_RANK_SCENARIOS = [
      "adaptive": ADAPTIVE, "zero": NO_PERSISTENT},
     {"name": "gen_sgd_too_large", "optimizer": GEN_SGD_TOO_LARGE, "micro": 2, "accum": 1,
      "save_after": [2], "adaptive": ADAPTIVE, "zero": NO_PERSISTENT},
+    # the rise budget: SGD at 30 overshoots (backtracking retakes the step), then the budget
+    # sets the rate; AdamW (offloaded: master and forward weights apart) with a fit every 3rd
+    # step, so that a clipped proposal's refit shows
+    {"name": "budget_sgd", "optimizer": GEN_SGD_TOO_LARGE, "micro": 2, "accum": 1,
+     "save_after": [4], "adaptive": BUDGET, "zero": NO_PERSISTENT},
+    {"name": "budget_adamw_offload", "optimizer": ADAMW, "micro": 2, "accum": 1,
+     "save_after": [4], "adaptive": {**BUDGET, "period": 3},
+     "zero": {"offload_optimizer": {"device": "cpu"}, **NO_PERSISTENT}},
     {"name": "gen_adamw", "optimizer": ADAMW, "micro": 2, "accum": 1, "save_after": [4],
      "adaptive": {**ADAPTIVE, "period": 2}, "replay_without_probes": True},
     {"name": "eval", "kind": "eval", "optimizer": SGD, "micro": 2, "accum": 1, "num_examples": 7},
@@ -202,6 +212,44 @@ def test_adaptive_rate_cuts_a_rate_that_is_far_too_large(two_rank_results, tiny_
     assert rates[1] < 0.7 * rates[0], f"rate trajectory {rates}"
     assert rates[1] == pytest.approx(expected[1]["lr"], rel=1e-4), (rates, expected)
     assert stats[0]["probe_losses"] == pytest.approx(expected[0]["probe_losses"], rel=1e-5)
+
+
+@pytest.mark.parametrize("name, optimizer, adaptive", [
+    ("budget_sgd", GEN_SGD_TOO_LARGE, BUDGET),
+    ("budget_adamw_offload", ADAMW, {**BUDGET, "period": 3}),
+])
+def test_rise_budget_and_backtracking_match_reference(two_rank_results, tiny_assets, name,
+                                                      optimizer, adaptive):
+    """Every rule of the rise budget on 2 ranks against plain PyTorch: which steps probe
+    (period and refits), the probes, the backtracking tries and the multiple the step is
+    retaken at, the rate after each fit, and the weights after 4 steps."""
+    state, stats = _load(two_rank_results, name, 4)
+    expected_state, expected = reference_run(tiny_assets["model"], tiny_assets["data"],
+                                             optimizer, GLOBAL_BATCH, 4, adaptive=adaptive)
+    assert [s["probe_losses"] is not None for s in stats] == \
+        [e.get("probe_losses") is not None for e in expected]
+    assert [s["lr"] for s in stats] == pytest.approx([e["lr"] for e in expected], rel=1e-4)
+    for got, want in zip(stats, expected):
+        if want.get("probe_losses") is not None:
+            assert got["probe_losses"] == pytest.approx(want["probe_losses"], rel=1e-5)
+        multiple, tries = got["backtrack"] or (1.0, None)
+        # the multiple is a root of the parabola through the probes: their 1e-5 agreement
+        # becomes ~1e-4 in a root that depends on their differences
+        assert multiple == pytest.approx(want.get("step_multiple", 1.0), rel=1e-3)
+        assert tries == (None if "backtrack_losses" not in want
+                         else pytest.approx(want["backtrack_losses"], rel=1e-5))
+    _assert_same_weights(state, expected_state, WEIGHT_ATOL, f"{name} after 4 steps")
+
+
+def test_rise_budget_scenarios_exercise_every_rule(two_rank_results):
+    """The scenarios above are only a test of the rules if the rules fired: a backtrack that
+    shortened a step, a fit that set the rate from the budget, and a refit off the period."""
+    sgd = json.loads((two_rank_results / "budget_sgd_step4.json").read_text())
+    adamw = json.loads((two_rank_results / "budget_adamw_offload_step4.json").read_text())
+    assert any(s["backtrack"] and s["backtrack"][0] < 1.0 for s in sgd), sgd
+    assert any(s["probe_losses"] is not None and not s["backtrack"][1] for s in sgd + adamw)
+    # period 3: steps 0 and 3 fit by the period; any other fit is a refit
+    assert any(s["probe_losses"] is not None for s in adamw[1:3]), adamw
 
 
 def test_probes_leave_adamw_state_untouched(two_rank_results):
