@@ -23,6 +23,7 @@ from ngdiff_ds.config import BatchLayout, engine_config  # noqa: E402
 from ngdiff_ds.data.task import load_task  # noqa: E402
 from ngdiff_ds.default.assets import ensure_default_assets  # noqa: E402
 from ngdiff_ds.distributed import init_distributed, leave_distributed  # noqa: E402
+from ngdiff_ds.errors import exit_past_teardown  # noqa: E402
 from ngdiff_ds.engine import build_engine, load_tokenizer  # noqa: E402
 from ngdiff_ds.losses import FORGET_LOSSES, IGNORE_INDEX, RETAIN_LOSSES  # noqa: E402
 from ngdiff_ds.run_log import RunLog  # noqa: E402
@@ -94,3 +95,4 @@ def main() -> None:
 if __name__ == "__main__":
     main()
     leave_distributed()
+    exit_past_teardown(0)

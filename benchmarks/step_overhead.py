@@ -34,6 +34,7 @@ from ngdiff_ds.adaptive_lr import AdaptiveLRConfig  # noqa: E402
 from ngdiff_ds.combine import COMBINE_RULES  # noqa: E402
 from ngdiff_ds.config import BatchLayout, engine_config  # noqa: E402
 from ngdiff_ds.distributed import init_distributed, leave_distributed  # noqa: E402
+from ngdiff_ds.errors import exit_past_teardown  # noqa: E402
 from ngdiff_ds.engine import build_engine  # noqa: E402
 from ngdiff_ds.losses import FORGET_LOSSES, RETAIN_LOSSES  # noqa: E402
 from ngdiff_ds.lr_probe import probe_losses  # noqa: E402
@@ -199,3 +200,4 @@ def main():
 if __name__ == "__main__":
     main()
     leave_distributed()
+    exit_past_teardown(0)

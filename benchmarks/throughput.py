@@ -105,6 +105,7 @@ from ngdiff_ds import trainer  # noqa: E402
 from ngdiff_ds.adaptive_lr import AdaptiveLRConfig  # noqa: E402
 from ngdiff_ds.config import BatchLayout, engine_config, read_json  # noqa: E402
 from ngdiff_ds.distributed import barrier, init_distributed, leave_distributed  # noqa: E402
+from ngdiff_ds.errors import exit_past_teardown  # noqa: E402
 from ngdiff_ds.engine import build_engine, set_learning_rate  # noqa: E402
 from ngdiff_ds.errors import BadInput  # noqa: E402
 from ngdiff_ds.lr_probe import AdaptiveRate  # noqa: E402
@@ -914,3 +915,4 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_past_teardown(0)

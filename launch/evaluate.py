@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ngdiff_ds.cli import build_parser  # noqa: E402
-from ngdiff_ds.errors import exit_on_bad_input  # noqa: E402
+from ngdiff_ds.errors import exit_on_bad_input, exit_past_teardown  # noqa: E402
 from ngdiff_ds.eval.run_eval import EvaluateSettings, evaluate_saved_model  # noqa: E402
 from ngdiff_ds.eval.suite import EvalSettings  # noqa: E402
 from ngdiff_ds.job import JobSettings  # noqa: E402
@@ -35,6 +35,7 @@ def main() -> None:
     with exit_on_bad_input():
         evaluate_saved_model(from_args(JobSettings, args), from_args(EvaluateSettings, args),
                              from_args(EvalSettings, args))
+    exit_past_teardown(0)  # past interpreter teardown, where gloo's threads can abort the process
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ngdiff_ds.cli import build_parser  # noqa: E402
-from ngdiff_ds.errors import exit_on_bad_input  # noqa: E402
+from ngdiff_ds.errors import exit_on_bad_input, exit_past_teardown  # noqa: E402
 from ngdiff_ds.finetune import FinetuneSettings, finetune  # noqa: E402
 from ngdiff_ds.job import JobSettings  # noqa: E402
 from ngdiff_ds.memory import MemorySettings  # noqa: E402
@@ -35,6 +35,7 @@ def main() -> None:
     with exit_on_bad_input():
         finetune(from_args(JobSettings, args), from_args(FinetuneSettings, args),
                  from_args(MemorySettings, args))
+    exit_past_teardown(0)  # past interpreter teardown, where gloo's threads can abort the process
 
 
 if __name__ == "__main__":

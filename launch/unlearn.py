@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ngdiff_ds.adaptive_lr import AdaptiveLRConfig  # noqa: E402
 from ngdiff_ds.checkpoint import CheckpointSettings  # noqa: E402
 from ngdiff_ds.cli import build_parser  # noqa: E402
-from ngdiff_ds.errors import exit_on_bad_input  # noqa: E402
+from ngdiff_ds.errors import exit_on_bad_input, exit_past_teardown  # noqa: E402
 from ngdiff_ds.eval.suite import EvalSettings  # noqa: E402
 from ngdiff_ds.job import JobSettings  # noqa: E402
 from ngdiff_ds.memory import MemorySettings  # noqa: E402
@@ -48,7 +48,7 @@ from ngdiff_ds.unlearn import UnlearnSettings, unlearn  # noqa: E402
 
 def main() -> None:
     parser = build_parser(__doc__, (JobSettings, None), (UnlearnSettings, "unlearning"),
-                          (AdaptiveLRConfig, "adaptive learning rate (GeN parabola fit; on by default)"),
+                          (AdaptiveLRConfig, "adaptive learning rate (GeN parabola fit, rise budget; on by default)"),
                           (EvalSettings, "TOFU and MUSE evaluation"),
                           (CheckpointSettings, "checkpoints and resume"),
                           (MemorySettings, "memory levers"))
@@ -58,6 +58,7 @@ def main() -> None:
         rate = from_args(AdaptiveLRConfig, args, total_steps=settings.max_steps)
         unlearn(from_args(JobSettings, args), settings, rate, from_args(EvalSettings, args),
                 from_args(CheckpointSettings, args), from_args(MemorySettings, args))
+    exit_past_teardown(0)  # past interpreter teardown, where gloo's threads can abort the process
 
 
 if __name__ == "__main__":

@@ -58,7 +58,10 @@ first step, like a ``global_step`` counter), so a single counter serves both fun
 
 The schedule factor multiplies the fitted base rate; the fit rescales the base rate by the
 relative multiple ``s*``, so both compose: a step taken with ``base * factor`` that should have
-been ``s*`` times longer gives ``base * s*`` as the new base.
+been ``s*`` times longer gives ``base * s*`` as the new base. The rise budget, though, targets
+the rate of a step (the one that spends the budget), so between fits the schedule lowers the
+rate and the next fit pulls it back toward that target: a decaying schedule mostly acts
+between fits. Use a schedule with GeN's rule (``max_rise = 0``) for a decay that holds.
 """
 
 from __future__ import annotations
@@ -100,12 +103,13 @@ class AdaptiveLRConfig:
     max_rise: float = option(
         0.01, flag="--lr-max-rise",
         help="rise budget: the most one step may raise the probe loss, as a fraction of its "
-             "value before the step; a step that raised it more is shortened (backtracking), "
-             "and a probe that is not downhill sets the rate that spends the budget (0: off)")
-    backtrack_rise: float = option(
-        0.03, flag="--lr-backtrack-rise",
+             "value before the step; each fit sets the rate that spends it, a step far over "
+             "it is shortened (backtracking); 0: GeN's rule")
+    backtrack_rise: float | None = option(
+        None, flag="--lr-backtrack-rise",
         help="a step that raised the probe loss by more than this fraction is shortened to "
-             "within --lr-max-rise (smaller rises only steer the rate)")
+             "within --lr-max-rise (smaller rises only steer the rate); default 3 x "
+             "--lr-max-rise")
     backtrack_factor: float = option(0.5, flag="--lr-backtrack-factor",
                                      help="each backtracking try shortens the step by this")
     max_backtracks: int = option(12, flag="--lr-max-backtracks",
@@ -148,13 +152,15 @@ class AdaptiveLRConfig:
             self._refuse("warmup_steps", "must be an integer >= 0")
         if not (self.max_rise >= 0.0 and math.isfinite(self.max_rise)):
             self._refuse("max_rise", "must be finite and >= 0")
-        if self.max_rise > 0.0 and self.probe_loss != "retain":
+        if self.backtrack_rise is None:
+            self.backtrack_rise = 3.0 * self.max_rise
+        if self.enabled and self.max_rise > 0.0 and self.probe_loss != "retain":
             self._refuse("probe_loss", "must be 'retain' with the rise budget (--lr-max-rise > "
                                        "0): a rise of the forgetting or combined loss relative "
                                        "to its value is no measure of damage (with gradient "
                                        "ascent the combined loss sits near 0); use "
                                        "--lr-max-rise 0 (GeN's rule) with that probe")
-        if self.max_rise > 0.0 and 1.0 not in self.multiples:
+        if self.enabled and self.max_rise > 0.0 and 1.0 not in self.multiples:
             self._refuse("multiples", "must contain 1 (the step taken) when --lr-max-rise > 0")
         if not (self.backtrack_rise >= self.max_rise and math.isfinite(self.backtrack_rise)):
             self._refuse("backtrack_rise", f"must be finite and >= --lr-max-rise "
@@ -223,8 +229,8 @@ class AdaptiveLRState:
 
     lr: float  # fitted base rate, before the schedule factor
     num_fits: int = 0
-    num_accepted: int = 0
-    num_rejected: int = 0
+    num_accepted: int = 0  # fits GeN's checks accepted (the rule that set the rate may differ)
+    num_rejected: int = 0  # fits GeN's checks refused (the rise budget may still set the rate)
     last_fit: dict | None = None  # the last FitResult as a dict
     num_backtracks: int = 0  # fits that shortened the step just taken
     refit_next: bool = False  # the last fit asked for a fit right after the next step

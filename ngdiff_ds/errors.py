@@ -87,7 +87,29 @@ def exit_on_bad_input():
     except Preempted as error:
         if launcher_rank() == 0:
             print(f"preempted: {error}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_PREEMPTED)
+        exit_past_teardown(EXIT_PREEMPTED)
+
+
+def exit_past_teardown(code: int = 0) -> None:
+    """End a run that finished in step with every rank (done, or preempted after its
+    checkpoint) with ``code`` now, skipping interpreter teardown.
+
+    The launchers call ``distributed.leave_distributed`` first, but DeepSpeed's engine and
+    comm module keep references to the group objects (and torch shuts only NCCL backends down
+    explicitly), so gloo's C++ process group can still be destroyed during teardown, where
+    its threads may outlive it: "terminate called without an active exception", exit -6,
+    after the work was done (seen in CI under the deepspeed launcher on two "nodes" and
+    under mpirun, about once in two full runs); for a preempted job that would also turn
+    the requeue code 75 into a failure. Everything a run writes is closed before this is
+    called; stdio is flushed here, and under mpirun MPI is finalised first, as mpi4py's
+    own exit handler would have done.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    os._exit(code)
 
 
 def _print_once(error: Exception) -> None:

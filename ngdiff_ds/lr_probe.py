@@ -108,8 +108,9 @@ class AdaptiveRate:
         else:
             self.state, fit = adaptive_lr.update(self.state, config, losses)
         probe_time = time.perf_counter() - start
+        # every field, the probe losses and the backtracking tries included (multiples: config)
         self.log.record("lr_fit", step, {**{k: v for k, v in fit.to_dict().items()
-                                            if not isinstance(v, list)}, "probe_time": probe_time})
+                                            if k != "multiples"}, "probe_time": probe_time})
         self.log.print(_fit_line(config, step, fit))
         return fit
 

@@ -106,9 +106,11 @@ def main():
                 replay = build_engine(args.model, ds_config)
                 buffer = torch.empty_like(replay.partitions.flat_grad)
                 for stats in history:
+                    # a backtracked step at the rate it was retaken at
+                    multiple = (rate.backtracks.get(stats.step) or (1.0, None))[0]
                     ngdiff_step(replay, forget.micro_batches(stats.step, rank, replay.engine.device),
                                 retain.micro_batches(stats.step, rank, replay.engine.device),
-                                NGDIFF, stats.lr, buffer, stats.step)
+                                NGDIFF, stats.lr * multiple, buffer, stats.step)
                 for label, engine in (("probed", built.engine), ("replay", replay.engine)):
                     torch.save(optimizer_state(engine), out / f"{name}_{label}_rank{rank}.pt")
                 del replay
@@ -265,10 +267,26 @@ def probe_restore(model, ds_config, forget, retain, out: Path, rank: int) -> Non
     loss_after = loss()
     identical = all(torch.equal(a, b) for a, b in zip(before_weights, partitions.forward_weights)) and \
         all(torch.equal(a, b) for a, b in zip(before_master, partitions.master_weights))
+    # backtracking: shorten "the step" `offset` to a quarter, as if the current weights were
+    # theta_old + offset. The master must become current + (0.25 - 1) offset, the forward
+    # weights its cast, and a forward must see them: the same loss as a probe at that point.
+    partitions.begin_probes()
+    partitions.perturb_weights(offset, -0.75)
+    loss_probe_at_quarter = loss()
+    partitions.end_probes()
+    partitions.shorten_step(offset, 0.25)
+    loss_shortened = loss()
+    chunks = offset.narrow(0, 0, partitions.numel).split(partitions.group_numels)
+    master_error = max(float((m - (old + (-0.75) * c.to(old.dtype))).abs().max()) for m, old, c
+                       in zip(partitions.master_weights, before_master, chunks))
+    forward_is_cast = all(torch.equal(f, m.to(f.dtype)) for f, m in
+                          zip(partitions.forward_weights, partitions.master_weights))
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank}.json").write_text(json.dumps({
         "identical": identical, "loss_before": loss_before, "loss_perturbed": loss_perturbed,
-        "loss_after": loss_after}))
+        "loss_after": loss_after, "loss_probe_at_quarter": loss_probe_at_quarter,
+        "loss_shortened": loss_shortened, "master_error": master_error,
+        "forward_is_cast": forward_is_cast}))
 
 
 if __name__ == "__main__":

@@ -188,7 +188,8 @@ def reference_run(model_dir: str, data_dir: str, optimizer_config: dict, global_
                       _retain_loss_at(model, examples, indices, params, theta_new)]
             record["probe_losses"] = probes
             budget = adaptive.get("max_rise", 0.0) * abs(probes[1])
-            threshold = adaptive.get("backtrack_rise", 0.05) * abs(probes[1])
+            threshold = adaptive.get("backtrack_rise", 3 * adaptive.get("max_rise", 0.0)) \
+                * abs(probes[1])
             if adaptive.get("max_rise", 0.0) > 0 and not probes[2] - probes[1] <= threshold:
                 # backtracking: from the budget root of the probes' parabola, halve the step
                 # until the rise is within the budget, then retake the step there (for SGD:
