@@ -24,7 +24,9 @@ class AdaptiveLRConfig:
     # phi: fit every `period` steps (8 keeps the probe cost under ~10 %)
     period: int = option(8, flag="--lr-period", help="phi: fit the rate every this many steps")
     probe_loss: str = option("retain", choices=PROBE_LOSSES,
-                             help="the loss measured along the step: retain, forget or both")
+                             help="the loss measured along the step: retain (the retain set's NLL, "
+                                  "whichever --retain-loss trains), forget (the forgetting "
+                                  "loss) or both (their sum)")
     multiples: tuple[float, ...] = option(
         (-1.0, 0.0, 1.0), flag="--probe-multiples",
         help="step multiples s where the probe loss is measured (must include 0)")

@@ -147,6 +147,15 @@ class Gram:
         return max(-1.0, min(1.0, cosine))
 
     @property
+    def is_finite(self) -> bool:
+        return all(math.isfinite(v) for v in (self.forget_sq, self.retain_sq, self.dot))
+
+    def direction_sq(self, retain_coef: float, forget_coef: float) -> float:
+        """``||a g_r + b g_f||^2`` from the Gram entries."""
+        return (retain_coef ** 2 * self.retain_sq + forget_coef ** 2 * self.forget_sq
+                + 2.0 * retain_coef * forget_coef * self.dot)
+
+    @property
     def is_usable(self) -> bool:
         """Both norms finite and positive and the dot product finite: safe to take a step."""
         return (
@@ -192,6 +201,25 @@ def global_gram(
 COMBINE_RULES = Registry("combine rule", "--combine")
 
 
+def step_coefficients(rule, gram: Gram) -> tuple[float, float] | None:
+    """``rule(gram)``, or None when there is no step to take: a non-finite Gram matrix (a NaN
+    or inf gradient), a rule that cannot apply to it (NGDiff cannot normalise a zero
+    gradient; fixed weights can), non-finite coefficients, or a zero direction."""
+    if not gram.is_finite:
+        return None
+    try:
+        retain_coef, forget_coef = rule(gram)
+    except ValueError:
+        if gram.is_usable:
+            raise  # the rule failed on good gradients: a bug, not a degenerate step
+        return None
+    if not (math.isfinite(retain_coef) and math.isfinite(forget_coef)):
+        return None
+    if not gram.direction_sq(retain_coef, forget_coef) > 0:
+        return None
+    return retain_coef, forget_coef
+
+
 def _require_finite(gram: Gram, rule_name: str) -> None:
     if not all(math.isfinite(v) for v in (gram.forget_sq, gram.retain_sq, gram.dot)):
         raise ValueError(f"{rule_name}: Gram matrix is not finite: {gram}")
@@ -217,13 +245,14 @@ def gradient_ascent(gram: Gram) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class GDiffOptions:
-    """Fixed weights of the two task gradients (``--combine-option retain_weight=...``)."""
+    """Fixed weights of the two task gradients, named as open-unlearning's GradDiff (loss
+    ``gamma * forget_loss + alpha * retain_loss``): ``--combine-option alpha=... gamma=...``."""
 
-    retain_weight: float = 1.0
-    forget_weight: float = 1.0
+    alpha: float = 1.0  # the retain gradient's weight
+    gamma: float = 1.0  # the forget gradient's weight
 
     def __post_init__(self) -> None:
-        for name in ("retain_weight", "forget_weight"):
+        for name in ("alpha", "gamma"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ConfigError(f"gdiff's {name} must be a finite number >= 0, got {value!r}")
@@ -231,8 +260,9 @@ class GDiffOptions:
 
 @COMBINE_RULES.register("gdiff", GDiffOptions)
 def gdiff(gram: Gram, options: GDiffOptions = GDiffOptions()) -> tuple[float, float]:
-    """Gradient difference (linear scalarisation) with fixed weights."""
-    return float(options.retain_weight), float(options.forget_weight)
+    """Gradient difference (Liu et al. 2022; linear scalarisation) with fixed weights:
+    ``d = alpha * g_r + gamma * g_f``, the gradient of ``gamma * l_f + alpha * l_r``."""
+    return float(options.alpha), float(options.gamma)
 
 
 @COMBINE_RULES.register("pcgrad")

@@ -12,13 +12,22 @@ extra field a method adds, such as reference log-probabilities). See ``registry.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from ngdiff_ds.errors import ConfigError
 from ngdiff_ds.registry import Registry
 
 # Label value ignored by torch's cross-entropy (and by HF causal-LM losses).
 IGNORE_INDEX = -100
+# Batch fields of the losses that compare with the model before unlearning (starting_model.py
+# provides them): per example, log p_ref(y|x) of its targets (a sum over tokens, as
+# ``per_example_target_logprob``); per batch, the starting model's logits [batch, seq, vocab].
+REFERENCE_LOGPROB = "reference_logprob"
+REFERENCE_LOGITS = "reference_logits"
 
 FORGET_LOSSES = Registry("forgetting loss", "--forget-loss")
 RETAIN_LOSSES = Registry("retaining loss", "--retain-loss")
@@ -43,11 +52,9 @@ def _next_token_targets(labels: torch.Tensor) -> torch.Tensor:
     return targets
 
 
-def per_example_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL over each example's unmasked target tokens, shape [batch].
-
-    The math is float32 even for bf16/fp16 logits (float64 logits stay float64). An example
-    with no unmasked target token gives 0 (and a zero gradient), never nan.
+def _target_nll_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example: the sum of the NLL of its unmasked target tokens and how many there are,
+    two tensors of shape [batch] (float32 for bf16/fp16/float32 logits, float64 for float64).
 
     Only the rows of the logits that predict an unmasked token are upcast and go through the
     softmax, so nothing of the full [batch, seq, vocab] size is materialised in float32.
@@ -73,8 +80,25 @@ def per_example_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     token_counts = token_nll.new_zeros(batch_size).index_add_(
         0, example_of_token, torch.ones_like(token_nll)
     )
+    return nll_sums, token_counts
+
+
+def per_example_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL over each example's unmasked target tokens, shape [batch].
+
+    The math is float32 even for bf16/fp16 logits (float64 logits stay float64). An example
+    with no unmasked target token gives 0 (and a zero gradient), never nan.
+    """
+    nll_sums, token_counts = _target_nll_sums(logits, labels)
     # clamp: an example without target tokens has sum 0 and count 0 -> 0 / 1 = 0.
     return nll_sums / token_counts.clamp(min=1)
+
+
+def per_example_target_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``log p(y|x)`` of each example: the sum of its target tokens' log-probabilities, shape
+    [batch] (0 for an example without target tokens). As open-unlearning's
+    ``compute_batch_nll`` (negated): a sum over tokens, not a mean."""
+    return -_target_nll_sums(logits, labels)[0]
 
 
 def answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -96,13 +120,120 @@ def answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return per_example_nll(logits, labels).mean()
 
 
+def _positive_finite(owner: str, name: str, value) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ConfigError(f"{owner}'s {name} must be a finite number > 0, got {value!r}")
+
+
 @FORGET_LOSSES.register("ga")
 def gradient_ascent_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Gradient ascent: minimise ``-answer_nll`` of the forget batch."""
+    """Gradient ascent (Jang et al. 2023, arXiv 2210.01504): minimise ``-answer_nll`` of the
+    forget batch."""
     return -answer_nll(logits, batch["labels"])
+
+
+@dataclass(frozen=True)
+class NPOOptions:
+    """``--forget-loss-option beta=...``: NPO's inverse temperature (0.1 in its paper's TOFU
+    runs and in open-unlearning's NPO config)."""
+
+    beta: float = 0.1
+
+    def __post_init__(self) -> None:
+        _positive_finite("npo", "beta", self.beta)
+
+
+@FORGET_LOSSES.register("npo", NPOOptions, needs=(REFERENCE_LOGPROB,))
+def npo_loss(logits: torch.Tensor, batch: dict, options: NPOOptions = NPOOptions()) -> torch.Tensor:
+    """Negative preference optimisation (Zhang et al. 2024, arXiv 2404.05868), per example
+
+        -(2 / beta) * log sigmoid(-beta * (log p(y|x) - log p_ref(y|x)))
+
+    and the mean over examples. ``log p(y|x)`` is the sum of the target tokens' log-probs (as
+    open-unlearning's ``compute_dpo_loss``); ``p_ref`` is the model before unlearning, whose
+    values the run computed once before step 0 (``batch["reference_logprob"]``). At the start
+    (p = p_ref) every example gives (2/beta) log 2 and the gradient is that of gradient ascent
+    on the summed NLL times 1/2 per example; as ``log p`` falls below ``log p_ref`` the
+    example's weight sigmoid(beta * log-ratio) decays to 0: the loss is bounded below by 0.
+    """
+    log_p = per_example_target_logprob(logits, batch["labels"])
+    log_ratio = log_p - batch[REFERENCE_LOGPROB].to(log_p.dtype)
+    return (-2.0 / options.beta * F.logsigmoid(-options.beta * log_ratio)).mean()
+
+
+@dataclass(frozen=True)
+class SimNPOOptions:
+    """``--forget-loss-option beta=... delta=...``: SimNPO's inverse temperature and reward
+    margin (the paper's gamma; open-unlearning calls it ``delta``). Defaults: open-unlearning's
+    SimNPO config (beta 4.5, delta 0), taken from the SimNPO authors' TOFU config."""
+
+    beta: float = 4.5
+    delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive_finite("simnpo", "beta", self.beta)
+        if not (isinstance(self.delta, (int, float)) and math.isfinite(self.delta)):
+            raise ConfigError(f"simnpo's delta must be a finite number, got {self.delta!r}")
+
+
+@FORGET_LOSSES.register("simnpo", SimNPOOptions)
+def simnpo_loss(logits: torch.Tensor, batch: dict,
+                options: SimNPOOptions = SimNPOOptions()) -> torch.Tensor:
+    """SimNPO (Fan et al. 2024, arXiv 2410.07163): reference-free, length-normalised, per
+    example
+
+        -(2 / beta) * log sigmoid(beta * (NLL(y|x) / |y| - delta))
+
+    (``-log p(y|x) / |y|`` is ``per_example_nll``), then the mean over examples. ``|y|`` is the
+    number of target tokens; open-unlearning divides by the labels that are not -100 before
+    the shift, which is the same for QA pairs (the first label is a masked question token) and
+    one more for a text whose first token is a label.
+    """
+    nll = per_example_nll(logits, batch["labels"])
+    return (-2.0 / options.beta * F.logsigmoid(options.beta * (nll - options.delta))).mean()
 
 
 @RETAIN_LOSSES.register("nll")
 def retain_nll_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     """Keep the retain answers likely: ``answer_nll`` of the retain batch."""
     return answer_nll(logits, batch["labels"])
+
+
+def per_example_kl(logits: torch.Tensor, reference_logits: torch.Tensor,
+                   labels: torch.Tensor) -> torch.Tensor:
+    """``KL(p_ref || p)`` of the next-token distributions, averaged over each example's target
+    positions (the positions whose next token is an unmasked label), shape [batch]; 0 for an
+    example without targets. float32 math for low-precision logits, as ``per_example_nll``.
+    """
+    _check_shapes(logits, labels)
+    if reference_logits.shape != logits.shape:
+        raise ValueError(f"reference logits {tuple(reference_logits.shape)} do not match the "
+                         f"logits {tuple(logits.shape)}")
+    batch_size, seq_len, vocab_size = logits.shape
+    targets = _next_token_targets(labels).reshape(-1)
+    target_positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    log_p = F.log_softmax(logits.reshape(-1, vocab_size).index_select(0, target_positions)
+                          .to(compute_dtype), dim=-1)
+    log_p_ref = F.log_softmax(reference_logits.reshape(-1, vocab_size)
+                              .index_select(0, target_positions).to(compute_dtype), dim=-1)
+    token_kl = F.kl_div(log_p, log_p_ref, reduction="none", log_target=True).sum(-1)
+    example_of_token = torch.div(target_positions, seq_len, rounding_mode="floor")
+    kl_sums = token_kl.new_zeros(batch_size).index_add_(0, example_of_token, token_kl)
+    counts = token_kl.new_zeros(batch_size).index_add_(0, example_of_token,
+                                                       torch.ones_like(token_kl))
+    return kl_sums / counts.clamp(min=1)
+
+
+@RETAIN_LOSSES.register("kl", needs=(REFERENCE_LOGITS,))
+def retain_kl_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Stay close to the starting model on the retain batch: ``KL(p_ref || p)`` of the
+    next-token distributions (as open-unlearning's ``compute_kl_divergence``: the starting
+    model's distribution first), mean over each example's target positions, then over
+    examples. ``batch["reference_logits"]`` are the starting model's logits on the batch (a
+    frozen copy, starting_model.py). Unlike open-unlearning, which averages over every
+    position of the padded batch (question, answer and padding), only the answer positions
+    count, each example equally: the loss of a batch then does not depend on its padding or on
+    how it is split over ranks (see ``answer_nll``). 0 at step 0, and >= 0 always.
+    """
+    return per_example_kl(logits, batch[REFERENCE_LOGITS], batch["labels"]).mean()

@@ -27,7 +27,10 @@ import torch
 from ngdiff_ds import adaptive_lr
 from ngdiff_ds.data.task import TaskData
 from ngdiff_ds.distributed import rank_and_world_size
+from ngdiff_ds.losses import RETAIN_LOSSES
 from ngdiff_ds.run_log import RunLog
+
+RETAIN_NLL = RETAIN_LOSSES.bind("nll")
 
 
 def _mean_loss(built, micro_batches, loss_fn) -> float:
@@ -87,7 +90,10 @@ class AdaptiveRate:
         if self.config.probe_loss in ("forget", "both"):
             probes.append((self.forget.micro_batches(step, rank, device), self.method.forget_loss))
         if self.config.probe_loss in ("retain", "both"):
-            probes.append((self.retain.micro_batches(step, rank, device), self.method.retain_loss))
+            # the retain NLL whichever retaining loss trains: the budget protects the retain
+            # answers' likelihood, and a KL to the starting model is 0 at the start (a rise
+            # relative to 0 means nothing)
+            probes.append((self.retain.micro_batches(step, rank, device), RETAIN_NLL))
         return probes
 
     def probe_and_fit(self, built, step: int, step_delta: torch.Tensor) -> adaptive_lr.FitResult:

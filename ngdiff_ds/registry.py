@@ -14,6 +14,10 @@ A method is one function plus one ``register`` line::
 and is then reachable from the command line as ``--forget-loss scaled_ga --forget-loss-option
 scale=0.5``. ``bind`` turns (name, options) into the callable the loop uses, once per run.
 Options dataclasses validate themselves in ``__post_init__`` (raise ``ConfigError``).
+
+A loss that compares with the model before unlearning declares it with ``needs``
+(``register("npo", NPOOptions, needs=("reference_logprob",))``); the run then provides that
+field in every batch (starting_model.py says which fields exist and how each is made).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class NoOptions:
 class Entry:
     function: Callable
     options: type
+    needs: tuple[str, ...] = ()  # batch fields the run must provide (starting_model.py)
 
 
 class Registry:
@@ -47,15 +52,16 @@ class Registry:
         self.flag = flag  # the command-line flag that picks an entry
         self._entries: dict[str, Entry] = {}
 
-    def register(self, name: str, options: type = NoOptions):
-        """Decorator: register ``function`` under ``name`` with its ``options`` dataclass."""
+    def register(self, name: str, options: type = NoOptions, needs: tuple[str, ...] = ()):
+        """Decorator: register ``function`` under ``name`` with its ``options`` dataclass and
+        the batch fields it ``needs`` beyond the collated tokens."""
         if not dataclasses.is_dataclass(options):
             raise TypeError(f"the options of {self.kind} {name!r} must be a dataclass")
 
         def decorate(function: Callable) -> Callable:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
-            self._entries[name] = Entry(function, options)
+            self._entries[name] = Entry(function, options, tuple(needs))
             return function
 
         return decorate

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from ngdiff_ds.combine import Gram, combine_in_place, local_gram
+from ngdiff_ds.combine import Gram, combine_in_place, local_gram, step_coefficients
 from ngdiff_ds.data.task import TaskData
 from ngdiff_ds.distributed import rank_and_world_size
 from ngdiff_ds.engine import TrainingEngine, set_learning_rate
@@ -90,6 +90,9 @@ class Method:
     forget_loss: Loss
     retain_loss: Loss
     combine_rule: Callable[[Gram], tuple[float, float]]
+    # batch fields each loss needs beyond the tokens (registry ``needs``; starting_model.py)
+    forget_needs: tuple[str, ...] = ()
+    retain_needs: tuple[str, ...] = ()
 
 
 def ngdiff_step(built: TrainingEngine, forget_micro_batches, retain_micro_batches,
@@ -123,9 +126,10 @@ def ngdiff_step(built: TrainingEngine, forget_micro_batches, retain_micro_batche
     world = built.engine.world_size
     gram = Gram(forget_sq=totals[0], retain_sq=totals[1], dot=totals[2])
 
-    skipped = not gram.is_usable
+    coefficients = step_coefficients(method.combine_rule, gram)
+    skipped = coefficients is None
     if not skipped:
-        retain_coef, forget_coef = method.combine_rule(gram)
+        retain_coef, forget_coef = coefficients
         combine_in_place(retain_grad, forget_grad, retain_coef, forget_coef)
         partitions.commit_direction()
         if keep_step_delta:

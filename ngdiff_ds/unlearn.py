@@ -1,7 +1,8 @@
 """The whole unlearning run, callable without the command line::
 
     from ngdiff_ds.adaptive_lr import AdaptiveLRConfig
-    from ngdiff_ds.eval.suite import EvalSettings
+    from ngdiff_ds.eval.selection import best_point, check_rule, model_utility
+from ngdiff_ds.eval.suite import EvalSettings
     from ngdiff_ds.job import JobSettings
     from ngdiff_ds.unlearn import UnlearnSettings, unlearn
 
@@ -29,12 +30,17 @@ from ngdiff_ds.checkpoint import CheckpointSettings
 from ngdiff_ds.combine import COMBINE_RULES
 from ngdiff_ds.distributed import is_main_process, leave_distributed, rank_and_world_size
 from ngdiff_ds.errors import ConfigError
+from ngdiff_ds.eval.selection import best_point, check_rule, model_utility
 from ngdiff_ds.eval.suite import EvalSettings
 from ngdiff_ds.job import Job, JobSettings, start_job
 from ngdiff_ds.losses import FORGET_LOSSES, RETAIN_LOSSES
 from ngdiff_ds.memory import MemorySettings
+from ngdiff_ds.methods import DEFAULT_METHOD, PRESETS, method_help
 from ngdiff_ds.registry import load_plugin, parse_option_strings
 from ngdiff_ds.settings import invalid, option
+from ngdiff_ds.starting_model import (attach_reference_model, check_needs, needs_reference_model,
+                                      restore_reference_logprobs, saved_reference_logprobs,
+                                      score_reference_logprobs, tasks_needing_logprobs)
 from ngdiff_ds.trainer import LoopState, Method
 
 
@@ -52,13 +58,23 @@ class UnlearnSettings:
     output_dir: str = option("runs/ngdiff", help="where the run writes its files")
     max_steps: int = option(40, help="optimizer steps")
     lr: float | None = option(None, help="default: optimizer.params.lr of the JSON")
-    combine: str = option("ngdiff", help=f"combine rule: {', '.join(COMBINE_RULES.names())}")
-    forget_loss: str = option("ga", help="forgetting loss: " + ", ".join(FORGET_LOSSES.names()))
-    retain_loss: str = option("nll", help="retaining loss: " + ", ".join(RETAIN_LOSSES.names()))
+    method_name: str = option(DEFAULT_METHOD, flag="--method",
+                              help=f"the method, as a preset of the three parts below "
+                                   f"({method_help()}); an explicit part overrides its preset")
+    combine: str | None = option(None, help="combine rule (default: the --method's): "
+                                            + ", ".join(COMBINE_RULES.names()))
+    forget_loss: str | None = option(None, help="forgetting loss (default: the --method's): "
+                                                + ", ".join(FORGET_LOSSES.names()))
+    retain_loss: str | None = option(None, help="retaining loss (default: the --method's): "
+                                                + ", ".join(RETAIN_LOSSES.names()))
+    adaptive_lr: bool = option(False, flag="--adaptive-lr",
+                               help="the adaptive rate also for a --method that runs at a fixed "
+                                    "rate (the baselines); --no-adaptive-lr turns it off for "
+                                    "NGDiff")
     combine_options: list[str] = option(default_factory=list, flag="--combine-option",
                                         action="append", metavar="KEY=VALUE",
                                         help="an option of the combine rule (repeatable), e.g. "
-                                             "retain_weight=0.5 for gdiff")
+                                             "alpha=0.5 for gdiff")
     forget_loss_options: list[str] = option(default_factory=list, flag="--forget-loss-option",
                                             action="append", metavar="KEY=VALUE",
                                             help="an option of the forgetting loss (repeatable)")
@@ -74,6 +90,17 @@ class UnlearnSettings:
                                      "(0: only before and after)")
     evaluate: bool = option(True, flag="--no-eval", help="skip all metrics (the "
                                                          "training-target NLL is still reported)")
+    evaluate_before: bool = option(True, flag="--no-eval-before",
+                                   help="skip the evaluation of the starting model (runs that "
+                                        "share it, as benchmarks/compare_methods.py's, score "
+                                        "it once)")
+    select_best: str | None = option(None, metavar="RULE",
+                                     help="mark the best evaluation point by RULE in the summary "
+                                          "and save its model as model_best/: fq_mu (the mean "
+                                          "of forget quality and model utility) or fq_keep_mu "
+                                          "(the best forget quality keeping >= 95%% of the "
+                                          "starting model's utility); needs the evaluation "
+                                          "and a retain-only reference")
     max_consecutive_skips: int = 10  # abort instead of burning GPU hours on a NaN model
 
     def __post_init__(self) -> None:
@@ -84,9 +111,49 @@ class UnlearnSettings:
             invalid(self, "eval_every", "must be >= 0")
         if self.lr is not None and not self.lr > 0:
             invalid(self, "lr", "must be positive")
+        if self.select_best is not None:
+            check_rule(self.select_best)
+            if not self.evaluate:
+                raise ConfigError("--select-best picks an evaluation point: it cannot be used "
+                                  "with --no-eval")
+            if self.select_best == "fq_keep_mu" and not self.evaluate_before:
+                raise ConfigError("--select-best fq_keep_mu compares with the starting model's "
+                                  "utility: it cannot be used with --no-eval-before")
         for plugin in self.plugins:
             load_plugin(plugin)
+        self._apply_preset()
         self.method()  # unknown names and options fail now, not after the model is loaded
+
+    def _apply_preset(self) -> None:
+        """Fill the parts not given explicitly from ``--method``; the preset's options come
+        first (an explicit option of the same name wins) and only for its own loss or rule."""
+        if self.method_name not in PRESETS:
+            invalid(self, "method_name", f"must be one of {', '.join(PRESETS)}")
+        preset = PRESETS[self.method_name]
+        self.forget_loss = self.forget_loss or preset.forget_loss
+        self.retain_loss = self.retain_loss or preset.retain_loss
+        self.combine = self.combine or preset.combine
+        if self.combine == preset.combine:
+            self.combine_options = [*preset.combine_options, *self.combine_options]
+        if self.forget_loss == preset.forget_loss:
+            self.forget_loss_options = [*preset.forget_loss_options, *self.forget_loss_options]
+
+    def rate_settings(self, rate: AdaptiveLRConfig) -> AdaptiveLRConfig:
+        """``rate`` on or off as the method says: on for a preset with the adaptive rate or
+        with --adaptive-lr, unless --no-adaptive-lr (``rate.enabled`` False)."""
+        if self.adaptive_lr and not rate.enabled:
+            raise ConfigError("--adaptive-lr and --no-adaptive-lr contradict each other")
+        enabled = rate.enabled and (PRESETS[self.method_name].adaptive_lr or self.adaptive_lr)
+        return rate if enabled == rate.enabled else dataclasses.replace(rate, enabled=enabled)
+
+    def method_summary(self) -> dict:
+        """The method as run: the preset's name and each part with the options given."""
+        return {"name": self.method_name, "forget_loss": self.forget_loss,
+                "retain_loss": self.retain_loss, "combine": self.combine,
+                "forget_loss_options": list(self.forget_loss_options),
+                "retain_loss_options": list(self.retain_loss_options),
+                "combine_options": list(self.combine_options),
+                "adaptive_lr": PRESETS[self.method_name].adaptive_lr or self.adaptive_lr}
 
     def method(self) -> Method:
         """The forgetting loss, retaining loss and combine rule, each bound to its options."""
@@ -99,6 +166,10 @@ class UnlearnSettings:
                 ("combine_rule", COMBINE_RULES, self.combine, self.combine_options,
                  "--combine-option")):
             bound[key] = registry.bind(name, parse_option_strings(registry, name, pairs, flag))
+        for key, registry, name in (("forget_needs", FORGET_LOSSES, self.forget_loss),
+                                    ("retain_needs", RETAIN_LOSSES, self.retain_loss)):
+            bound[key] = registry.entry(name).needs
+            check_needs(name, bound[key])
         return Method(**bound)
 
 
@@ -187,6 +258,7 @@ def unlearn(job_settings: JobSettings, settings: UnlearnSettings, rate: Adaptive
     forget_split = settings.forget_split or (
         "forget10+forget10_text" if job_settings.uses_embedded_default else "forget10")
     retain_split = settings.retain_split or tofu_retain_split(forget_split)
+    rate = settings.rate_settings(rate)
     job = start_job(job_settings, settings.output_dir)
     try:
         run = _Run(job, settings, rate, evaluation_settings, checkpoints or CheckpointSettings(),
@@ -216,6 +288,12 @@ class _Run:
         self.resume_from = self.checkpointer.find_resume()
         self.universal = self._prepare_reshape() if self.resume_from is not None else None
         self.inputs = _load_inputs(job, forget_split, retain_split)
+        if settings.select_best and not (evaluation_settings.retain_results or
+                                         evaluation_settings.retain_model or
+                                         self.inputs.default_retain_model):
+            raise ConfigError(f"--select-best {settings.select_best} needs forget quality, which "
+                              "needs a retain-only reference: pass --retain-model or "
+                              "--retain-results")
         self.built = _build(job, self.inputs, rate_config, memory,
                             universal=self.universal is not None)
         check_checkpoint_space(self.built, checkpoints, settings.output_dir)
@@ -224,6 +302,17 @@ class _Run:
             first_split(retain_split), self.inputs.tokenizer, self.inputs.max_length,
             Path(settings.output_dir) / "eval", job.log) if settings.evaluate else None
         self.method = settings.method()
+        self.reference_model = None
+        if needs_reference_model(self.method):
+            from ngdiff_ds.engine import build_inference_engine
+
+            # the starting model, frozen (on resume too: the model files are the reference)
+            self.reference_model = build_inference_engine(self.inputs.model, job.ds_config)
+            self.method = attach_reference_model(self.method, self.reference_model.engine)
+            job.log.print(f"kept a frozen copy of {self.inputs.model} for the "
+                          f"{settings.retain_loss} retaining loss (ZeRO-3, inference only)")
+        self.logprob_tasks = tasks_needing_logprobs(self.method, self.inputs.forget,
+                                                    self.inputs.retain)
         start_lr = settings.lr if settings.lr is not None else \
             self.built.engine.optimizer.param_groups[0]["lr"]
         self.rate = AdaptiveRate(rate_config, start_lr, self.inputs.forget, self.inputs.retain,
@@ -241,7 +330,8 @@ class _Run:
                   f"({len(inputs.forget.examples)} examples), retain {self.retain_split} "
                   f"({len(inputs.retain.examples)}), {rank_and_world_size()[1]} rank(s), global "
                   f"batch {self.job.layout.global_batch_size} per task, {settings.max_steps} "
-                  f"steps, combine {settings.combine}, forget loss {settings.forget_loss}")
+                  f"steps, method {settings.method_name} (forget loss {settings.forget_loss}, "
+                  f"retain loss {settings.retain_loss}, combine {settings.combine})")
         if self.resume_from is None:
             self._start_fresh()
         else:
@@ -250,8 +340,8 @@ class _Run:
         run_unlearning(
             built, inputs.forget, inputs.retain, self.method, self.rate, settings.max_steps, log,
             log_every=settings.log_every, max_consecutive_skips=settings.max_consecutive_skips,
-            evaluate=(lambda step: self.evaluation.run(built.engine, f"step{step}", step))
-            if self.evaluation else None, eval_every=settings.eval_every, state=self.loop,
+            evaluate=self._evaluate_point if self.evaluation else None,
+            eval_every=settings.eval_every, state=self.loop,
             checkpoint=self._checkpoint)
 
         after = _target_nlls(built, inputs, self.evaluation_settings.batch_size)
@@ -260,23 +350,62 @@ class _Run:
         save_hf_model(built, inputs.tokenizer, Path(settings.output_dir) / "model")
         if self.evaluation:
             self.evaluation.run(built.engine, "final", settings.max_steps)
+            self._keep_if_best("final")
             self.evaluation.finish()
         summary = {"model": inputs.model, "data": inputs.data, "forget_split": self.forget_split,
                    "retain_split": self.retain_split, "world_size": rank_and_world_size()[1],
                    "global_batch_per_task": self.job.layout.global_batch_size,
                    "steps": settings.max_steps, "skipped_steps": self.loop.skipped_steps,
+                   "method": settings.method_summary(),
                    "adaptive_lr": self.rate.state.to_dict() if self.rate_config.enabled else None,
-                   "before": self.before, "after": after}
+                   "before": self.before, "after": after, "best_point": self._best_point()}
         _report(settings.output_dir, summary, log)
         return summary
+
+    def _evaluate_point(self, steps_done: int) -> None:
+        """The loop's evaluation every --eval-every steps."""
+        self.evaluation.run(self.built.engine, f"step{steps_done}", steps_done)
+        self._keep_if_best(f"step{steps_done}")
+
+    def _best_point(self) -> dict | None:
+        rule = self.settings.select_best
+        if rule is None or not self.evaluation:
+            return None
+        best = best_point(rule, self.evaluation.points)
+        if best is None:
+            return {"rule": rule, "label": None, "note": "no point has a score under the rule"}
+        point, value = best
+        return {"rule": rule, "label": point["label"], "score": value,
+                "forget_quality": point.get("forget_quality"),
+                "model_utility": model_utility(point),
+                "model": str(Path(self.settings.output_dir) / "model_best")}
+
+    def _keep_if_best(self, label: str) -> None:
+        """--select-best: when the point just evaluated is the best so far, save its model
+        as model_best/ (from the live engine: the weights of that point, and of its
+        checkpoint). Collective (the save gathers the weights)."""
+        from ngdiff_ds.engine import save_hf_model
+
+        best = self._best_point()
+        if best is None or best["label"] != label:
+            return
+        save_hf_model(self.built, self.inputs.tokenizer,
+                      Path(self.settings.output_dir) / "model_best")
+        self.log.print(f"best point so far by {best['rule']}: {label} (score {best['score']:.4g}, "
+                       f"forget quality {best['forget_quality']:.3g}, model utility "
+                       f"{best['model_utility']:.3g}); its model saved to {best['model']}")
 
     def _start_fresh(self) -> None:
         if self.evaluation:
             self.evaluation.load_reference(self.evaluation_settings, self.job.ds_config,
                                            default_model=self.inputs.default_retain_model)
-            self.evaluation.run(self.built.engine, "before", 0)
+            if self.settings.evaluate_before:
+                self.evaluation.run(self.built.engine, "before", 0)
         self.before = _target_nlls(self.built, self.inputs, self.evaluation_settings.batch_size)
         self.log.record("eval", 0, {f"before_{k}": v for k, v in self.before.items()})
+        # before step 0: the engine's weights are the starting model
+        score_reference_logprobs(self.built.engine, self.logprob_tasks,
+                                 self.evaluation_settings.batch_size, self.log)
 
     def _identity(self) -> dict:
         """What must not change between a checkpoint and the run that resumes from it."""
@@ -284,6 +413,7 @@ class _Run:
                 "seed": self.job.settings.seed,
                 "global_batch_per_task": self.job.layout.global_batch_size,
                 "forget_loss": self.settings.forget_loss, "combine": self.settings.combine,
+                "retain_loss": self.settings.retain_loss,
                 # the trainable parameters: a LoRA checkpoint holds adapter state only
                 "lora": self.memory.lora_identity() if self.memory else None}
 
@@ -291,6 +421,7 @@ class _Run:
         return {"identity": self._identity(), "loop": dataclasses.asdict(self.loop),
                 "adaptive_lr": self.rate.state.to_dict(), "before": self.before,
                 "evaluation": self.evaluation.state_dict() if self.evaluation else None,
+                "reference_logprobs": saved_reference_logprobs(self.logprob_tasks),
                 "log_rows": self.log.rows_written}
 
     def _checkpoint(self, loop: LoopState, evaluated: bool, stopping: bool) -> None:
@@ -323,6 +454,8 @@ class _Run:
 
         # Checked before loading: another run's weights or adapters would fail inside DeepSpeed.
         saved = read_manifest(tag_dir)["identity"]
+        # a key the checkpoint lacks was added later (retain_loss: then it was nll)
+        saved.setdefault("retain_loss", "nll")
         changed = {k: (v, saved.get(k)) for k, v in self._identity().items() if saved.get(k) != v}
         if changed:
             raise ConfigError(f"checkpoint {tag_dir} belongs to another run: " + ", ".join(
@@ -331,6 +464,7 @@ class _Run:
         self.loop = LoopState(**state["loop"])
         self.rate.state = AdaptiveLRState.from_dict(state["adaptive_lr"])
         self.before = state["before"]
+        restore_reference_logprobs(self.logprob_tasks, state.get("reference_logprobs"), str(tag_dir))
         if self.evaluation and state["evaluation"] is not None:
             self.evaluation.load_state_dict(state["evaluation"])
         elif self.evaluation:

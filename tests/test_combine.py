@@ -320,7 +320,7 @@ def test_gdiff_fixed_weights():
     retain, forget = random_pair(1000, seed=12)
     gram = global_gram(forget, retain)
     assert gdiff(gram) == (1.0, 1.0)
-    options = parse_option_strings(COMBINE_RULES, "gdiff", ["retain_weight=0.7", "forget_weight=2.5"],
+    options = parse_option_strings(COMBINE_RULES, "gdiff", ["alpha=0.7", "gamma=2.5"],
                                    "--combine-option")
     assert COMBINE_RULES.bind("gdiff", options)(gram) == (0.7, 2.5)
     direction = direction_over_shards(retain, forget, [300, 700], 0.7, 2.5)
@@ -444,3 +444,23 @@ def test_combine_in_place_bf16_buffers():
 def test_combine_in_place_rejects_shape_mismatch():
     with pytest.raises(ValueError):
         combine_in_place(torch.zeros(3), torch.zeros(4), 1.0, 1.0)
+
+
+def test_step_coefficients_skip_only_steps_that_cannot_be_taken():
+    from ngdiff_ds.combine import step_coefficients
+
+    zero_retain = Gram(forget_sq=4.0, retain_sq=0.0, dot=0.0)  # e.g. KL at the starting model
+    assert step_coefficients(ngdiff, zero_retain) is None  # nothing to normalise
+    assert step_coefficients(gdiff, zero_retain) == (1.0, 1.0)  # fixed weights: g_f alone
+    assert step_coefficients(gradient_ascent, zero_retain) == (0.0, 1.0)
+    assert step_coefficients(gradient_ascent, Gram(0.0, 3.0, 0.0)) is None  # zero direction
+    assert step_coefficients(gdiff, Gram(float("nan"), 1.0, 0.0)) is None
+    assert step_coefficients(ngdiff, Gram(4.0, 9.0, 1.0)) == (1 / 3, 1 / 2)
+    # opposite equal gradients: d = g_r + g_f = 0 (|d|^2 from the Gram entries by hand: 1+1-2)
+    assert step_coefficients(gdiff, Gram(1.0, 1.0, -1.0)) is None
+
+    def broken(gram):
+        raise ValueError("a bug in a rule")
+
+    with pytest.raises(ValueError, match="a bug"):
+        step_coefficients(broken, Gram(4.0, 9.0, 1.0))  # usable gradients: not a skip

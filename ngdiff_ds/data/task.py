@@ -10,7 +10,7 @@ tasks, fine-tuning, the embedded default's fine-tunes, the tests)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +28,9 @@ class TaskData:
     examples: list[dict]
     batches: StepBatches
     pad_token_id: int
+    # per-example numbers every collated batch carries as a float64 [batch] tensor, e.g. the
+    # reference log-probability NPO compares with (starting_model.py adds it)
+    scalar_fields: list[str] = field(default_factory=list)
 
     def micro_batches(self, step: int, rank: int, device) -> list[dict[str, torch.Tensor]]:
         """This rank's K micro-batches of ``step``."""
@@ -61,7 +64,11 @@ class TaskData:
         return out, weights
 
     def _collate(self, indices: list[int], device) -> dict[str, torch.Tensor]:
-        batch = collate([self.examples[i] for i in indices], self.pad_token_id)
+        examples = [self.examples[i] for i in indices]
+        batch = collate(examples, self.pad_token_id)
+        for name in self.scalar_fields:
+            batch[name] = torch.tensor([example[name] for example in examples],
+                                       dtype=torch.float64)
         return {name: t.to(device) for name, t in batch.items()}
 
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from ngdiff_ds.data.batching import collate
 from ngdiff_ds.data.encoding import encode_plain_prompt, encode_prompt, encode_qa, encode_text
 from ngdiff_ds.distributed import rank_and_world_size
-from ngdiff_ds.losses import IGNORE_INDEX, per_example_nll
+from ngdiff_ds.losses import IGNORE_INDEX, per_example_nll, per_example_target_logprob
 
 
 def _rounds(num_examples: int, world_size: int, batch_size: int) -> int:
@@ -96,6 +96,17 @@ def mean_target_nll(engine, examples: list[dict], pad_token_id: int, batch_size:
     if rank_and_world_size()[1] > 1:
         dist.all_reduce(totals)  # over all ranks: each example is counted on exactly one rank
     return (totals[0] / totals[1]).item()
+
+
+@torch.no_grad()
+def target_logprobs(engine, examples: list[dict], pad_token_id: int, batch_size: int) -> list[float]:
+    """``log p(y|x)`` of each encoded example: the sum of its training targets' log-probs
+    (``per_example_target_logprob``), every rank scoring its share; all values, in example
+    order, on every rank."""
+    def score_batch(batch, logits, indices):
+        return per_example_target_logprob(logits, batch["labels"]).double().tolist()
+
+    return _score_in_step(engine, examples, pad_token_id, batch_size, score_batch)
 
 
 @torch.no_grad()
