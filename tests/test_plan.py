@@ -379,3 +379,27 @@ def test_plan_imports_neither_torch_nor_deepspeed():
     code = ("import sys, ngdiff_ds.plan; "
             "assert not {'torch', 'deepspeed'} & set(sys.modules), 'imported'")
     subprocess.run([PYTHON, "-c", code], cwd=REPO, check=True, timeout=60)
+
+
+def test_the_kl_reference_model_is_counted(tmp_path):
+    """--reference-model: the frozen copy's weight partition (persistent parameters whole),
+    its logits on a retain micro-batch, and its gathers; no optimizer side."""
+    plain = tiny_settings(tmp_path)
+    with_reference = tiny_settings(tmp_path, reference_model=True)
+    model = load_model(plain)
+    base = memory_breakdown(model, plain, "ngdiff", world_size=3)
+    kept = memory_breakdown(model, with_reference, "ngdiff", world_size=3)
+    dims, tensors = model
+    persistent = sum(t.numel * t.count for t in tensors
+                     if t.numel <= plain.zero.stage3_param_persistence_threshold)
+    assert base.gpu["reference_weights"] == 0
+    assert kept.gpu["reference_weights"] == 1154 + 2 * persistent  # bf16: 2 bytes
+    logits = plain.micro_batch_size * plain.seq_len * 2 * dims.vocab_size
+    assert kept.gpu["activations"] - base.gpu["activations"] == logits
+    assert {k: kept.gpu[k] for k in ("master", "moments", "gradients")} == \
+        {k: base.gpu[k] for k in ("master", "moments", "gradients")}
+    assert kept.gpu_peak == base.gpu_peak + kept.gpu["reference_weights"] + logits
+    from ngdiff_ds.plan.communication import communication_bytes
+    assert communication_bytes(model, plain, "ngdiff", 3)["all_gather_reference"] == 0
+    assert communication_bytes(model, with_reference, "ngdiff", 3)["all_gather_reference"] == \
+        communication_bytes(model, plain, "ngdiff", 3)["all_gather_forward"] / 2

@@ -28,7 +28,11 @@ Memory per GPU, persistent (what the step holds from start to end):
   the same device (``torch.empty_like`` in ``run_unlearning``); it later holds the probes' step
   delta, so the adaptive rate costs no more. GDiff has none;
 - ``reduce_bucket``: the gradient bucket DeepSpeed allocates at start-up with all
-  ``reduce_bucket_size`` elements in the model dtype, and keeps.
+  ``reduce_bucket_size`` elements in the model dtype, and keeps;
+- ``reference_weights`` (``--reference-model``: the KL retaining loss): the frozen starting
+  model, an inference-only ZeRO-3 engine: its weight partition p * P / N (the base model
+  only, under LoRA) and its persistent parameters whole; no master, moments or gradients.
+  Its logits on a retain micro-batch (p * V per token) are added to ``activations``.
 
 With ``offload`` (``offload_optimizer.device: cpu``) master, moments, gradient partition and the
 NGDiff copy live in host memory, with DeepSpeed's own fp32 copy of the gradient that the CPU

@@ -45,6 +45,10 @@ def communication_bytes(model: Model, settings: PlanSettings,
         "all_gather_persistent": (1 + fits * (PROBE_MULTIPLES + 1)) * persistent,
         "reduce_scatter": passes["reduce_scatters"] * reduce,
         "all_reduce": _all_reduce_bytes(step_numbers + fits * PROBE_MULTIPLES, n),
+        # --reference-model: the frozen copy gathers its weights for each retain forward
+        "all_gather_reference": settings.grad_accum_steps * (n - 1) * p * slice_numel(
+            [t for t in tensors if not (settings.lora and t.trainable)], n,
+            lambda t: not is_persistent(t)) if settings.reference_model else 0.0,
     }
     volume["total"] = sum(volume.values())
     return volume

@@ -125,12 +125,13 @@ class MemoryBreakdown:
     gpu: dict[str, int]
     cpu: dict[str, int]
 
-    PERSISTENT = ("weights", "master", "moments", "gradients", "ngdiff_extra", "reduce_bucket")
+    PERSISTENT = ("weights", "master", "moments", "gradients", "ngdiff_extra", "reduce_bucket",
+                  "reference_weights")
 
     @property
     def gpu_peak(self) -> int:
         """Persistent parts plus the larger transient peak (a pass, or the optimizer step)."""
-        persistent = sum(self.gpu[part] for part in self.PERSISTENT)
+        persistent = sum(self.gpu.get(part, 0) for part in self.PERSISTENT)
         return persistent + max(self.gpu["gathered"] + self.gpu["activations"],
                                 self.gpu["step_buffer"])
 
@@ -168,6 +169,20 @@ def memory_breakdown(model: Model, settings: PlanSettings, mode: str,
                    * (1 + OPTIMIZER_TEMPORARIES[settings.optimizer]))
     gpu["gathered"] = gathered_bytes(tensors, settings)
     gpu["activations"] = activation_bytes(dims, settings, mode)
+    gpu["reference_weights"] = 0
+    if settings.reference_model:
+        # the frozen starting model of the KL retaining loss: an inference-only ZeRO-3 engine
+        # (its weight partition, every rank's copy of its persistent parameters; no master,
+        # moments or gradients) and its logits, held beside the retain forward's until the
+        # loss is computed (in the model dtype, every position)
+        base = [t for t in tensors if not (settings.lora and t.trainable)]
+        reference = p * (slice_numel(base, world_size)
+                         + slice_numel(base, 1, persistence_filter(settings.zero)))
+        if settings.offload_params:
+            cpu["reference_weights"] = reference
+        else:
+            gpu["reference_weights"] = reference
+        gpu["activations"] += settings.micro_batch_size * settings.seq_len * p * dims.vocab_size
     return MemoryBreakdown(gpu=gpu, cpu=cpu)
 
 

@@ -59,7 +59,7 @@ def make_plan(settings: PlanSettings) -> dict:
 # ----- the table --------------------------------------------------------------------------
 
 _MEMORY_COLUMNS = ("weights", "master", "moments", "gradients", "ngdiff_extra", "reduce_bucket",
-                   "gathered",
+                   "reference_weights", "gathered",
                    "activations", "step_buffer")
 
 

@@ -70,6 +70,9 @@ class PlanSettings:
     lora_rank: int = option(8, help="LoRA rank r")
     lora_targets: tuple[str, ...] = option(("q_proj", "k_proj", "v_proj", "o_proj"),
                                            help="projections that get adapters")
+    reference_model: bool = option(False, help="a frozen copy of the starting model beside "
+                                               "the trained one, as the KL retaining loss "
+                                               "keeps (--retain-loss kl, --method gdiff_kl)")
     micro_batch_size: int = option(4, help="rows per micro-batch per task per rank")
     seq_len: int = option(2048, help="tokens per row")
     grad_accum_steps: int = option(1, help="K: micro-batches per task per step")
