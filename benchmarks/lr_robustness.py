@@ -36,14 +36,13 @@ import json
 import math
 import os
 import shlex
-import socket
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from unlearn_runs import run_once, unlearn_command  # noqa: E402
 DEFAULT_STARTS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
 BELOW = 1e-3  # "the rate below 1e-3 by step 16": from then on (acceptance of the 1e-2 start)
 # mode "gen": GeN's published rule on the same runs (Bu & Xu 2024): the parabola's minimum
@@ -78,62 +77,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_name(mode: str, start: float) -> str:
     return f"{mode}_lr{start:.0e}"
 
 
 def command_of(args, mode: str, start: float, out: Path) -> list[str]:
-    command = ["deepspeed", "--num_gpus", str(args.ranks), "--master_port", str(_free_port()),
-               "launch/unlearn.py", "--deepspeed", args.deepspeed, "--lr", repr(start),
-               "--max-steps", str(args.steps), "--output-dir", str(out)]
-    command += ["--eval-every", "0"] if args.with_eval else ["--no-eval"]
-    command += shlex.split(args.extra_all)
+    flags = ["--deepspeed", args.deepspeed, "--lr", repr(start), "--max-steps", str(args.steps),
+             "--output-dir", str(out)]
+    flags += ["--eval-every", "0"] if args.with_eval else ["--no-eval"]
+    flags += shlex.split(args.extra_all)
     if mode == "fixed":
-        command += ["--no-adaptive-lr"]
+        flags += ["--no-adaptive-lr"]
     elif mode == "gen":
-        command += GEN_PUBLISHED
+        flags += GEN_PUBLISHED
     else:
-        command += shlex.split(args.extra)
-    return command
-
-
-def _settings_of(command: list[str]) -> str:
-    """The command without its rendezvous port: what makes two runs the same run."""
-    port = command.index("--master_port")
-    return shlex.join(command[:port] + command[port + 2:])
+        flags += shlex.split(args.extra)
+    return unlearn_command(args.ranks, flags)
 
 
 def run_one(args, mode: str, start: float) -> dict:
     out = Path(args.output_dir) / run_name(mode, start)
-    command = command_of(args, mode, start, out)
-    settings_file = out / "settings.txt"
-    # reuse a finished run only if it was run with the same settings (steps, flags, eval)
-    ran = args.rerun or not (out / "summary.json").exists() or not settings_file.exists() \
-        or settings_file.read_text().strip() != _settings_of(command)
-    if ran:
-        out.mkdir(parents=True, exist_ok=True)
-        settings_file.unlink(missing_ok=True)
-        env = dict(os.environ)
-        if env.get("DS_ACCELERATOR") == "cpu" and "OMP_NUM_THREADS" not in env:
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (args.ranks * args.jobs)))
-        began = time.perf_counter()
-        with open(out / "log.txt", "w") as log:
-            log.write(shlex.join(command) + "\n")
-            log.flush()
-            code = subprocess.call(command, cwd=ROOT, env=env, stdout=log,
-                                   stderr=subprocess.STDOUT)
-        seconds = time.perf_counter() - began
-        print(f"[lr_robustness] {run_name(mode, start)}: exit {code} in {seconds:.0f} s",
-              flush=True)
-        if code != 0:
-            raise SystemExit(f"run {out} failed (exit {code}); see {out / 'log.txt'}")
-        settings_file.write_text(_settings_of(command) + "\n")
+    ran = run_once(command_of(args, mode, start, out), out,
+                   f"lr_robustness {run_name(mode, start)}",
+                   threads_per_rank=max(1, (os.cpu_count() or 1) // (args.ranks * args.jobs)),
+                   rerun=args.rerun)
     return dict(read_run(out, mode, start), ran=ran)
 
 

@@ -22,12 +22,15 @@ from ngdiff_ds.combine import COMBINE_RULES  # noqa: E402
 from ngdiff_ds.config import BatchLayout, engine_config  # noqa: E402
 from ngdiff_ds.data.task import load_task  # noqa: E402
 from ngdiff_ds.distributed import init_distributed  # noqa: E402
-from ngdiff_ds.engine import build_engine, load_tokenizer  # noqa: E402
+from ngdiff_ds.engine import build_engine, build_inference_engine, load_tokenizer  # noqa: E402
 from ngdiff_ds.losses import FORGET_LOSSES, RETAIN_LOSSES, gradient_ascent_loss  # noqa: E402
 from ngdiff_ds.lr_probe import AdaptiveRate  # noqa: E402
 from ngdiff_ds.memory import MemorySettings  # noqa: E402
 from ngdiff_ds.run_log import RunLog  # noqa: E402
+from ngdiff_ds.starting_model import (attach_reference_model, needs_reference_model,  # noqa: E402
+                                      score_reference_logprobs, tasks_needing_logprobs)
 from ngdiff_ds.trainer import Method, ngdiff_step, run_unlearning  # noqa: E402
+from ngdiff_ds.unlearn import UnlearnSettings  # noqa: E402
 from ngdiff_ds.zero3 import consolidated_state_dict  # noqa: E402
 
 NGDIFF = Method(forget_loss=FORGET_LOSSES.bind("ga"), retain_loss=RETAIN_LOSSES.bind("nll"),
@@ -89,6 +92,12 @@ def main():
             AdaptiveLRConfig(enabled=False)
         method = Method(NGDIFF.forget_loss, NGDIFF.retain_loss,
                         COMBINE_RULES.bind(scenario.get("combine", "ngdiff")))
+        reference_model = None
+        if "method" in scenario:  # a --method preset, set up as the run sets it up
+            method = UnlearnSettings(method_name=scenario["method"]).method()
+            if needs_reference_model(method):
+                reference_model = build_inference_engine(args.model, ds_config)
+                method = attach_reference_model(method, reference_model.engine)
         memory = MemorySettings(gradient_checkpointing=scenario.get("gradient_checkpointing", False),
                                 lora_rank=scenario.get("lora", {}).get("r", 0),
                                 lora_alpha=scenario.get("lora", {}).get("alpha"),
@@ -97,6 +106,9 @@ def main():
             built = build_engine(args.model, ds_config, memory)
             layer_calls = count_mlp_calls(next(module for name, module in built.model.named_modules()
                                                if name.endswith("layers.0.mlp")))
+            # NPO: log p_ref of the forget set, on the fresh engine before its first step
+            score_reference_logprobs(built.engine, tasks_needing_logprobs(method, forget, retain),
+                                     8, log)
             rate = RecordingRate(adaptive, built.engine.optimizer.param_groups[0]["lr"], forget,
                                  retain, method, log)
             history = run_unlearning(built, forget, retain, method, rate, steps, log)

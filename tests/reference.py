@@ -31,6 +31,69 @@ def _example_nll(model, example) -> torch.Tensor:
     return F.cross_entropy(logits[:-1][keep].float(), targets[keep], reduction="mean")
 
 
+def _example_logprob(model, example) -> torch.Tensor:
+    """log p(y|x): the sum of the answer tokens' log-probs, one example per forward."""
+    input_ids = torch.tensor([example["input_ids"]])
+    labels = torch.tensor(example["labels"])
+    logits = model(input_ids=input_ids).logits[0]
+    targets = labels[1:]
+    keep = targets != -100
+    log_probs = torch.log_softmax(logits[:-1][keep].float(), dim=-1)
+    return log_probs.gather(1, targets[keep].unsqueeze(1)).sum()
+
+
+def _example_kl(model, frozen, example) -> torch.Tensor:
+    """Mean over the answer positions of KL(p_frozen || p_model), one example per forward."""
+    input_ids = torch.tensor([example["input_ids"]])
+    keep = torch.tensor(example["labels"])[1:] != -100
+    log_p = torch.log_softmax(model(input_ids=input_ids).logits[0][:-1][keep].float(), dim=-1)
+    with torch.no_grad():
+        log_ref = torch.log_softmax(frozen(input_ids=input_ids).logits[0][:-1][keep].float(),
+                                    dim=-1)
+    return (log_ref.exp() * (log_ref - log_p)).sum(-1).mean()
+
+
+# the package's presets, written out: forgetting loss, retaining loss, combine rule, weights
+NGDIFF_METHOD = {"forget": "ga", "retain": "nll", "combine": "ngdiff"}
+PRESET_METHODS = {
+    "ga": {"forget": "ga", "retain": "nll", "combine": "ga"},
+    "gdiff": {"forget": "ga", "retain": "nll", "combine": "gdiff", "alpha": 1.0, "gamma": 1.0},
+    "gdiff_kl": {"forget": "ga", "retain": "kl", "combine": "gdiff", "alpha": 1.0, "gamma": 1.0},
+    "npo": {"forget": "npo", "retain": "nll", "combine": "ga", "beta": 0.1},
+    "npo_gdiff": {"forget": "npo", "retain": "nll", "combine": "gdiff", "alpha": 1.0,
+                  "gamma": 1.0, "beta": 0.1},
+    "simnpo": {"forget": "simnpo", "retain": "nll", "combine": "gdiff", "alpha": 1.0,
+               "gamma": 0.125, "beta": 4.5, "delta": 0.0},
+    "ngdiff": NGDIFF_METHOD,
+    "ngdiff_npo": {"forget": "npo", "retain": "nll", "combine": "ngdiff", "beta": 0.1},
+}
+
+
+def _example_task_loss(method: dict, name: str, model, example, reference_logprob=None,
+                       frozen=None) -> torch.Tensor:
+    """One example's loss to minimise, from the method's formulas written out."""
+    if name == "retain":
+        return _example_nll(model, example) if method["retain"] == "nll" else \
+            _example_kl(model, frozen, example)
+    if method["forget"] == "ga":
+        return -_example_nll(model, example)
+    beta = method["beta"]
+    if method["forget"] == "npo":  # -(2/beta) log sigmoid(-beta (log p - log p_ref))
+        log_ratio = _example_logprob(model, example) - reference_logprob
+        return -2.0 / beta * F.logsigmoid(-beta * log_ratio)
+    # simnpo: -(2/beta) log sigmoid(beta (NLL/|y| - delta))
+    return -2.0 / beta * F.logsigmoid(beta * (_example_nll(model, example) - method["delta"]))
+
+
+def _direction(method: dict, forget_grad, retain_grad, forget_norm, retain_norm):
+    if method["combine"] == "ngdiff":
+        return retain_grad / retain_norm + forget_grad / forget_norm
+    if method["combine"] == "gdiff":
+        return method["alpha"] * retain_grad + method["gamma"] * forget_grad
+    assert method["combine"] == "ga"
+    return forget_grad.clone()
+
+
 def _flat_grad(model, loss) -> torch.Tensor:
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -124,7 +187,7 @@ def _fitted_rate(lr: float, losses: list[float], adaptive: dict) -> tuple[float,
 def reference_run(model_dir: str, data_dir: str, optimizer_config: dict, global_batch: int,
                   steps: int, forget_seed: int = 3, retain_seed: int = 4, max_length: int = 64,
                   lrs: list[float] | None = None, adaptive: dict | None = None,
-                  lora: dict | None = None):
+                  lora: dict | None = None, method: dict | None = None):
     """Return (state_dict after ``steps`` NGDiff steps, per-step stats dicts).
 
     ``lora`` (keys r, alpha, targets): train LoRA adapters only (``_with_lora``); the norms
@@ -137,6 +200,10 @@ def reference_run(model_dir: str, data_dir: str, optimizer_config: dict, global_
     With ``max_rise`` > 0, a step that raised the probe by more than ``backtrack_rise *
     |L(0)|`` is retaken at the longest of r, r/2, r/4, ... whose rise is within
     ``max_rise * |L(0)|`` (backtracking; r: where the probes' parabola rises by that).
+
+    ``method``: one of ``PRESET_METHODS`` (default NGDiff). NPO's reference log-probs are
+    computed with the weights before the first step; the KL's reference is a frozen copy of
+    the model as loaded.
     """
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -148,6 +215,16 @@ def reference_run(model_dir: str, data_dir: str, optimizer_config: dict, global_
     for name, split, seed in (("forget", "forget10", forget_seed), ("retain", "retain90", retain_seed)):
         examples, _ = encode_split(tokenizer, load_qa_split(data_dir, split), max_length, split)
         tasks[name] = (examples, StepBatches(len(examples), global_batch, 1, 1, seed))
+    method = method or NGDIFF_METHOD
+    frozen = None
+    if method["retain"] == "kl":
+        import copy
+
+        frozen = copy.deepcopy(model).eval()
+    reference_logprobs = None
+    if method["forget"] == "npo":
+        with torch.no_grad():
+            reference_logprobs = [_example_logprob(model, e).item() for e in tasks["forget"][0]]
     stats = []
     params = [p for p in model.parameters() if p.requires_grad]
     lr = optimizer.param_groups[0]["lr"]
@@ -156,13 +233,15 @@ def reference_run(model_dir: str, data_dir: str, optimizer_config: dict, global_
         losses, grads = {}, {}
         for name, (examples, batches) in tasks.items():
             indices = batches.global_batch_indices(step)
-            nll = torch.stack([_example_nll(model, examples[i]) for i in indices]).mean()
-            task_loss = -nll if name == "forget" else nll  # gradient ascent on the forget set
+            task_loss = torch.stack([_example_task_loss(
+                method, name, model, examples[i],
+                reference_logprobs[i] if reference_logprobs and name == "forget" else None,
+                frozen) for i in indices]).mean()
             losses[name] = float(task_loss.detach())
             grads[name] = _flat_grad(model, task_loss)
         forget_norm = grads["forget"].norm().item()
         retain_norm = grads["retain"].norm().item()
-        direction = grads["retain"] / retain_norm + grads["forget"] / forget_norm
+        direction = _direction(method, grads["forget"], grads["retain"], forget_norm, retain_norm)
         offset = 0
         for p in params:
             p.grad = direction[offset:offset + p.numel()].view_as(p).to(p.dtype).clone()
@@ -176,7 +255,8 @@ def reference_run(model_dir: str, data_dir: str, optimizer_config: dict, global_
         optimizer.zero_grad(set_to_none=True)
         record = {"forget_loss": losses["forget"], "retain_loss": losses["retain"],
                   "forget_grad_norm": forget_norm, "retain_grad_norm": retain_norm,
-                  "cosine": float(grads["forget"] @ grads["retain"]) / (forget_norm * retain_norm),
+                  "cosine": float(grads["forget"] @ grads["retain"]) / (forget_norm * retain_norm)
+                  if forget_norm * retain_norm > 0 else math.nan,
                   "lr": lr}
         if adaptive is not None and (step % adaptive["period"] == 0 or refit):
             theta_new = torch.cat([p.detach().reshape(-1).double() for p in params])

@@ -12,12 +12,13 @@ order over different shards give ~1e-7 relative differences per step); norms and
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
 from tests.conftest import run_deepspeed
-from tests.reference import reference_run
+from tests.reference import PRESET_METHODS, reference_run
 
 pytestmark = pytest.mark.slow  # multi-rank DeepSpeed launches
 
@@ -45,6 +46,16 @@ GEN_SGD = {"type": "SGD", "params": {"lr": 3.0}}
 GEN_SGD_TOO_LARGE = {"type": "SGD", "params": {"lr": 30.0}}
 
 FINETUNE_SGD = {"type": "SGD", "params": {"lr": 0.5}}
+
+# every --method preset at a fixed SGD rate (the package's own setup of each: losses, rule,
+# weights, NPO's reference log-probs, KL's frozen copy), against the reference and 1 vs 2 ranks
+PRESETS = ["ga", "gdiff", "gdiff_kl", "npo", "npo_gdiff", "simnpo", "ngdiff", "ngdiff_npo"]
+
+
+def _preset_scenarios(micro: int) -> list[dict]:
+    return [{"name": f"preset_{name}", "method": name, "optimizer": SGD, "micro": micro,
+             "accum": 1, "save_after": [3]} for name in PRESETS]
+
 
 TWO_RANK_SCENARIOS = [
     {"name": "sgd", "optimizer": SGD, "micro": 2, "accum": 1, "save_after": [1, 3]},
@@ -90,9 +101,11 @@ TWO_RANK_SCENARIOS = [
     {"name": "restore_bf16", "kind": "probe_restore", "optimizer": ADAMW, "micro": 2, "accum": 1,
      "bf16": True},
 ]
+TWO_RANK_SCENARIOS += _preset_scenarios(micro=2)
 ONE_RANK_SCENARIOS = [
     {"name": "sgd", "optimizer": SGD, "micro": 4, "accum": 1, "save_after": [3]},
     {"name": "eval", "kind": "eval", "optimizer": SGD, "micro": 4, "accum": 1, "num_examples": 7},
+    *_preset_scenarios(micro=4),
 ]
 
 WEIGHT_ATOL = 2e-5
@@ -152,6 +165,33 @@ def test_two_ranks_match_single_process_reference(two_rank_results, tiny_assets,
         for key in ("forget_grad_norm", "retain_grad_norm", "forget_loss", "retain_loss"):
             assert got[key] == pytest.approx(want[key], rel=NORM_RTOL), (key, got, want)
         assert got["cosine"] == pytest.approx(want["cosine"], abs=1e-5)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_method_preset_matches_the_reference_on_one_and_two_ranks(
+        two_rank_results, one_rank_results, tiny_assets, preset):
+    """Three SGD steps of each preset on 2 ranks equal plain PyTorch's (the method's formulas
+    written out in tests/reference.py) and 1 rank's with the same global batch."""
+    state, stats = _load(two_rank_results, f"preset_{preset}", 3)
+    one_rank, one_rank_stats = _load(one_rank_results, f"preset_{preset}", 3)
+    method = PRESET_METHODS[preset]
+    expected_state, expected = reference_run(tiny_assets["model"], tiny_assets["data"], SGD,
+                                             GLOBAL_BATCH, 3, method=method)
+    initial, _ = reference_run(tiny_assets["model"], tiny_assets["data"], SGD, GLOBAL_BATCH, 0)
+    largest_move = max((expected_state[k] - initial[k]).abs().max().item() for k in initial)
+    assert largest_move > 20 * WEIGHT_ATOL, f"reference barely moved ({largest_move})"
+    _assert_same_weights(state, expected_state, WEIGHT_ATOL, f"{preset} vs the reference")
+    _assert_same_weights(state, one_rank, WEIGHT_ATOL, f"{preset}: 2 ranks vs 1 rank")
+    assert not any(s["skipped"] for s in stats + one_rank_stats)
+    for got, one, want in zip(stats, one_rank_stats, expected):
+        for key in ("forget_loss", "retain_loss", "forget_grad_norm", "retain_grad_norm"):
+            # abs: the KL and its gradient are 0 at step 0 (to float noise on ZeRO-3)
+            assert got[key] == pytest.approx(want[key], rel=NORM_RTOL, abs=1e-6), (key, got, want)
+            assert one[key] == pytest.approx(got[key], rel=NORM_RTOL, abs=1e-6), (key, one, got)
+    if method["forget"] == "npo":  # policy = reference at step 0: (2 / beta) log 2
+        assert stats[0]["forget_loss"] == pytest.approx(2 / 0.1 * math.log(2), rel=1e-6)
+    if method["retain"] == "kl":
+        assert abs(stats[0]["retain_loss"]) < 1e-6 and stats[2]["retain_loss"] > 1e-4
 
 
 def test_lora_trains_the_adapters_only(two_rank_results, tiny_assets):

@@ -213,3 +213,30 @@ def test_an_unknown_method_names_the_flag_and_the_choices():
 
     with pytest.raises(ConfigError, match=r"--method must be one of ga, gdiff, .*ngdiff_npo"):
         UnlearnSettings(method_name="npo2")
+
+
+def test_the_baselines_run_at_a_fixed_rate_unless_asked():
+    from ngdiff_ds.adaptive_lr import AdaptiveLRConfig
+    from ngdiff_ds.unlearn import UnlearnSettings
+
+    on, off = AdaptiveLRConfig(), AdaptiveLRConfig(enabled=False)
+    assert UnlearnSettings(method_name="ngdiff").rate_settings(on).enabled
+    assert UnlearnSettings(method_name="ngdiff_npo").rate_settings(on).enabled
+    assert not UnlearnSettings(method_name="ngdiff").rate_settings(off).enabled
+    for baseline in ("ga", "gdiff", "gdiff_kl", "npo", "npo_gdiff", "simnpo"):
+        assert not UnlearnSettings(method_name=baseline).rate_settings(on).enabled, baseline
+    assert UnlearnSettings(method_name="npo", adaptive_lr=True).rate_settings(on).enabled
+    with pytest.raises(ConfigError, match="--adaptive-lr and --no-adaptive-lr"):
+        UnlearnSettings(method_name="npo", adaptive_lr=True).rate_settings(off)
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"select_best": "best"}, "--select-best 'best' is not a rule"),
+    ({"select_best": "fq_mu", "evaluate": False}, "cannot be used with --no-eval"),
+    ({"select_best": "fq_keep_mu", "evaluate_before": False}, "with --no-eval-before"),
+])
+def test_select_best_needs_a_rule_and_the_evaluation(values, message):
+    from ngdiff_ds.unlearn import UnlearnSettings
+
+    with pytest.raises(ConfigError, match=message):
+        UnlearnSettings(**values)

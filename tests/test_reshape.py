@@ -3,7 +3,8 @@ GPUs), through DeepSpeed's universal checkpoint, keeping the global batch.
 
 The reference is the uninterrupted run: after resuming at step 4 the final weights match it
 to float tolerance (the same 2e-5 as 1 vs 2 ranks in tests/test_distributed.py), each train
-step is logged once, and the adaptive rate (a fit after step 1) carries over.
+step is logged once, and the adaptive rate (a fit after step 1) carries over. The method is
+``ngdiff_npo``: NPO's reference log-probabilities travel in the checkpoint's client state.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def _args(tmp_path, tiny_assets, out, config=None, *extra):
                                           "zero_optimization": {"stage": 3}, "optimizer": ADAMW}))
     return ["--deepspeed", str(path), "--model", tiny_assets["model"], "--data",
             tiny_assets["data"], "--output-dir", str(out), "--max-steps", str(STEPS),
-            "--max-length", "64", "--save-every", "4", "--resume", "auto", "--no-eval", *extra]
+            "--max-length", "64", "--save-every", "4", "--resume", "auto", "--no-eval",
+            "--method", "ngdiff_npo", *extra]
 
 
 def _ok(result):

@@ -4,7 +4,9 @@ The reference is the same command run without interruption. A run killed by SIGK
 writes a checkpoint, and a run stopped by SIGTERM (signalled again during its save), each
 continued with ``--resume auto``, must write the same per-step rows (timings aside) and
 bit-identical final weights; tests/plugin_slow_save.py holds the write open. The adaptive
-rate fits after steps 1 and 9, so one fit lies after every resume point.
+rate fits after steps 1 and 9, so one fit lies after every resume point. The method is
+``ngdiff_npo``: NPO's reference log-probabilities, scored on the starting model, must come
+back from the checkpoint (scored again on the resumed weights, every later step would differ).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def _command(tmp_path, tiny_assets, out, *extra):
             tiny_assets["data"], "--output-dir", str(out), "--max-steps", str(STEPS),
             "--max-length", "64", "--save-every", "4", "--resume", "auto", "--eval-every", "6",
             "--eval-retain-size", "4", "--max-new-tokens", "4", "--verbmem-max-new-tokens", "4",
-            "--eval-batch-size", "8", *extra]
+            "--eval-batch-size", "8", "--method", "ngdiff_npo", *extra]
 
 
 def _run(command, timeout=600, **env):

@@ -1,0 +1,264 @@
+"""Where does NGDiff stand? Every --method preset on the same engine, batches, step budget and
+evaluation points: the baselines at fixed rates, each over a small rate sweep, NGDiff with its
+adaptive rate and no sweep.
+
+Each run is the main command with a preset (embedded default unless --extra-all names
+--model/--data):
+
+    deepspeed --num_gpus 2 launch/unlearn.py --deepspeed ds_configs/zero3.json \\
+        --method gdiff --lr 1e-4 --max-steps 40 --eval-every 10
+
+Run (CPU, 2 cores: 20 runs, about 50 min measured; a run whose directory holds the same
+finished run is read, not rerun, so an interrupted comparison continues where it stopped):
+
+    DS_ACCELERATOR=cpu python benchmarks/compare_methods.py --output-dir runs/compare_methods
+
+    # the CI smoke test: two presets, 4 steps, one rate, short generations (minutes)
+    DS_ACCELERATOR=cpu python benchmarks/compare_methods.py --quick --output-dir /tmp/cmp
+
+The first run (NGDiff) also scores the retain-only reference and the starting model; the
+others read the reference from it (--retain-results) and skip the starting model
+(--no-eval-before): both are the same for every run. The rule that picks a baseline's rate:
+each run is scored by its best evaluation point under --rule (default fq_keep_mu: the best
+forget quality among points that keep >= 95 % of the starting model's utility; see
+ngdiff_ds/eval/selection.py), and the rate with the best score is the method's. NGDiff's
+single run is scored the same way.
+
+Writes to --output-dir: ``table.md`` (every run at its final point and at its best point; the
+picked rate marked), ``results.json`` (every point of every run), ``tradeoff.png`` (forget
+quality, log axis, against model utility: one trajectory per method at its picked rate,
+the other rates faint), and one directory per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from unlearn_runs import run_once, unlearn_command  # noqa: E402
+
+from ngdiff_ds.eval.selection import RULES, best_point, model_utility  # noqa: E402
+from ngdiff_ds.methods import PRESETS  # noqa: E402
+
+DEFAULT_RATES = (3e-5, 1e-4, 3e-4)
+# the table's columns: (summary key, header)
+COLUMNS = (("forget_quality", "forget quality"), ("model_utility", "model utility"),
+           ("forget_Q_A_Prob", "forget Prob"), ("retain_Q_A_Prob", "retain Prob"),
+           ("forget_Q_A_ROUGE", "forget ROUGE"), ("retain_Q_A_ROUGE", "retain ROUGE"),
+           ("forget_verbmem_ROUGE", "VerbMem"), ("privleak", "PrivLeak"))
+# --quick: generations this short are no measure of ROUGE; they keep the smoke test short
+QUICK_EVAL = ["--max-new-tokens", "16", "--verbmem-max-new-tokens", "16",
+              "--knowmem-max-new-tokens", "8", "--eval-retain-size", "40"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", choices=list(PRESETS), default=list(PRESETS))
+    parser.add_argument("--rates", type=float, nargs="+", default=list(DEFAULT_RATES),
+                        help="the fixed-rate baselines' sweep")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--rule", choices=list(RULES), default="fq_keep_mu",
+                        help="picks each run's best point and each baseline's rate")
+    parser.add_argument("--ranks", type=int, default=2, help="ranks per run")
+    parser.add_argument("--deepspeed", default="ds_configs/zero3.json")
+    parser.add_argument("--output-dir", default="runs/compare_methods")
+    parser.add_argument("--extra-all", default="", help="more unlearn.py flags for every run "
+                                                        "(e.g. --model and --data)")
+    parser.add_argument("--retain-model", default=None,
+                        help="the retain-only reference of forget quality, scored in the first "
+                             "run (default: the embedded default's)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: ngdiff and gdiff, 4 steps, evaluated at 2 and 4, one "
+                             "rate (1e-4), short generations")
+    parser.add_argument("--rerun", action="store_true", help="rerun runs that have a summary")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.methods, args.rates, args.steps, args.eval_every = ["ngdiff", "gdiff"], [1e-4], 4, 2
+    if args.steps < 1 or args.ranks < 1 or args.eval_every < 0:
+        parser.error("--steps and --ranks must be >= 1, --eval-every >= 0")
+    if any(not (rate > 0 and math.isfinite(rate)) for rate in args.rates):
+        parser.error("--rates must be positive")
+    # NGDiff first: its run scores the reference and the starting model for all the others
+    args.methods = sorted(dict.fromkeys(args.methods),
+                          key=lambda m: (not PRESETS[m].adaptive_lr, list(PRESETS).index(m)))
+    return args
+
+
+def planned_runs(args) -> list[dict]:
+    """(method, rate) of every run; rate None: the adaptive rate from the config's."""
+    runs = []
+    for method in args.methods:
+        for rate in ([None] if PRESETS[method].adaptive_lr else args.rates):
+            name = method if rate is None else f"{method}_lr{rate:.0e}"
+            runs.append({"method": method, "rate": rate, "name": name})
+    return runs
+
+
+def command_of(args, run: dict, out: Path, first: Path | None) -> list[str]:
+    flags = ["--deepspeed", args.deepspeed, "--method", run["method"], "--max-steps",
+             str(args.steps), "--eval-every", str(args.eval_every), "--output-dir", str(out)]
+    if run["rate"] is not None:
+        flags += ["--lr", repr(run["rate"])]
+    if first is not None:  # the same reference and starting model as the first run's
+        flags += ["--retain-results", str(first / "eval" / "retain_model_results.json"),
+                  "--no-eval-before"]
+    elif args.retain_model:
+        flags += ["--retain-model", args.retain_model]
+    if args.quick:
+        flags += QUICK_EVAL
+    return unlearn_command(args.ranks, flags + shlex.split(args.extra_all))
+
+
+def read_points(out: Path) -> list[dict]:
+    """The run's evaluation points in order, each its summary with ``label`` and ``step``."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    points = {}
+    for row in rows:
+        if row["kind"] == "unlearning_metrics":  # by step, the last row winning (resumes)
+            points[row["step"]] = row
+    steps = sorted(points)
+    last = steps[-1] if steps else None
+    return [{**{k: v for k, v in points[s].items() if k not in ("kind", "step", "time")},
+             "step": s, "label": "before" if s == 0 else ("final" if s == last else f"step{s}")}
+            for s in steps]
+
+
+def summarise_run(args, run: dict, out: Path, before: dict | None) -> dict:
+    points = [p for p in read_points(out) if p["label"] != "before"]
+    trajectory = ([before] if before else []) + points
+    best = best_point(args.rule, trajectory)
+    summary = json.loads((out / "summary.json").read_text())
+    return {**run, "dir": str(out), "points": trajectory, "final": points[-1] if points else None,
+            "best": None if best is None else {"label": best[0]["label"], "score": best[1],
+                                               "point": best[0]},
+            "score": None if best is None else best[1], "adaptive_lr": summary["adaptive_lr"],
+            "method_as_run": summary["method"]}
+
+
+def pick_rates(records: list[dict]) -> dict[str, str]:
+    """method -> the name of its picked run (the best score; none scored: the first run)."""
+    picked = {}
+    for method in dict.fromkeys(r["method"] for r in records):
+        runs = [r for r in records if r["method"] == method]
+        scored = [r for r in runs if r["score"] is not None]
+        picked[method] = max(scored, key=lambda r: r["score"])["name"] if scored \
+            else runs[0]["name"]
+    return picked
+
+
+def _cell(point: dict | None, key: str) -> str:
+    if point is None:
+        return "-"
+    value = model_utility(point) if key == "model_utility" else point.get(key)
+    if value is None:
+        return "-"
+    return f"{value:.2g}" if key == "forget_quality" else f"{value:.3g}"
+
+
+def table(records: list[dict], picked: dict[str, str], before: dict | None, rule: str) -> str:
+    head = ["method", "rate", "point", *(h for _, h in COLUMNS)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if before:
+        lines.append("| (starting model) | - | before | "
+                     + " | ".join(_cell(before, k) for k, _ in COLUMNS) + " |")
+    for r in records:
+        rate = "adaptive" if r["rate"] is None else f"{r['rate']:.0e}"
+        mark = " **(picked)**" if picked[r["method"]] == r["name"] and r["rate"] is not None \
+            else ""
+        lines.append(f"| {r['method']} | {rate}{mark} | final | "
+                     + " | ".join(_cell(r["final"], k) for k, _ in COLUMNS) + " |")
+        best = r["best"]
+        label = "none" if best is None else best["label"]
+        lines.append(f"| {r['method']} | {rate} | best by {rule}: {label} | "
+                     + " | ".join(_cell(best and best["point"], k) for k, _ in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], picked: dict[str, str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7.5, 4.8))
+    methods = list(picked)
+    colours = plt.cm.tab10([i % 10 for i in range(len(methods))])
+    for r in records:
+        points = [p for p in r["points"] if p.get("forget_quality") is not None
+                  and model_utility(p) is not None]
+        if not points:
+            continue
+        colour = colours[methods.index(r["method"])]
+        chosen = picked[r["method"]] == r["name"]
+        rate = "adaptive" if r["rate"] is None else f"{r['rate']:.0e}"
+        axes.plot([model_utility(p) for p in points],
+                  [max(p["forget_quality"], 1e-30) for p in points],
+                  "-o" if chosen else ":", color=colour, alpha=1.0 if chosen else 0.3,
+                  markersize=4, linewidth=2.0 if r["rate"] is None else 1.2,
+                  label=f"{r['method']} ({rate})" if chosen else None)
+        if chosen:
+            last = points[-1]
+            axes.annotate(r["method"], (model_utility(last), max(last["forget_quality"], 1e-30)),
+                          textcoords="offset points", xytext=(4, 2), fontsize=7, color=colour)
+    before = next((p for r in records for p in r["points"] if p["label"] == "before"), None)
+    if before is not None and before.get("forget_quality") is not None:
+        axes.plot([model_utility(before)], [before["forget_quality"]], "k*", markersize=10,
+                  label="starting model")
+    axes.set_yscale("log")
+    axes.set_xlabel("model utility")
+    axes.set_ylabel("forget quality (KS p-value, log)")
+    axes.set_title("TOFU trade-off: one trajectory per method at its picked rate\n"
+                   "(other rates dotted; up and right is better)", fontsize=9)
+    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = planned_runs(args)
+    print(f"[compare_methods] {len(runs)} runs of {args.steps} steps on {args.ranks} rank(s), "
+          f"evaluated every {args.eval_every} steps, into {out}", flush=True)
+    began = time.perf_counter()
+    threads = max(1, (os.cpu_count() or 1) // args.ranks)
+    first, records, ran = None, [], 0
+    for index, run in enumerate(runs):
+        run_dir = out / run["name"]
+        ran += run_once(command_of(args, run, run_dir, first), run_dir,
+                        f"compare_methods {index + 1}/{len(runs)} {run['name']}",
+                        threads_per_rank=threads, rerun=args.rerun)
+        first = first or run_dir
+    before = next((p for p in read_points(first) if p["label"] == "before"), None)
+    for run in runs:
+        records.append(summarise_run(args, run, out / run["name"], before))
+    seconds = time.perf_counter() - began
+    picked = pick_rates(records)
+    text = "\n".join([
+        table(records, picked, before, args.rule), "",
+        f"rule: {args.rule} ({RULES[args.rule]}); a baseline's rate is the one whose best "
+        "point scores highest under it",
+        f"ran {ran} of {len(runs)} runs in {seconds / 60:.1f} min (the others were read from "
+        "their directories)"])
+    print(text)
+    (out / "table.md").write_text(text + "\n")
+    (out / "results.json").write_text(json.dumps(
+        {"args": vars(args), "seconds": seconds, "rule": args.rule, "picked": picked,
+         "before": before, "runs": records}, indent=1))
+    plot(records, picked, out / "tradeoff.png")
+    print(f"wrote {out / 'table.md'}, {out / 'results.json'}, {out / 'tradeoff.png'}")
+
+
+if __name__ == "__main__":
+    main()
