@@ -77,12 +77,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the retain-only reference of forget quality, scored in the first "
                              "run (default: the embedded default's)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke test: ngdiff and gdiff, 4 steps, evaluated at 2 and 4, one "
-                             "rate (1e-4), short generations")
+                        help="smoke test: ngdiff_npo and gdiff_kl (NPO's reference and KL's "
+                             "frozen copy), 4 steps, evaluated at 2 and 4, one rate (1e-4), "
+                             "short generations")
     parser.add_argument("--rerun", action="store_true", help="rerun runs that have a summary")
     args = parser.parse_args(argv)
     if args.quick:
-        args.methods, args.rates, args.steps, args.eval_every = ["ngdiff", "gdiff"], [1e-4], 4, 2
+        args.methods, args.rates, args.steps, args.eval_every = \
+            ["ngdiff_npo", "gdiff_kl"], [1e-4], 4, 2
     if args.steps < 1 or args.ranks < 1 or args.eval_every < 0:
         parser.error("--steps and --ranks must be >= 1, --eval-every >= 0")
     if any(not (rate > 0 and math.isfinite(rate)) for rate in args.rates):
@@ -124,7 +126,9 @@ def read_points(out: Path) -> list[dict]:
     points = {}
     for row in rows:
         if row["kind"] == "unlearning_metrics":  # by step, the last row winning (resumes)
-            points[row["step"]] = row
+            # the run log writes non-finite numbers as "nan" / "inf" / "-inf" strings
+            points[row["step"]] = {k: float(v) if v in ("nan", "inf", "-inf") else v
+                                   for k, v in row.items()}
     steps = sorted(points)
     last = steps[-1] if steps else None
     return [{**{k: v for k, v in points[s].items() if k not in ("kind", "step", "time")},
@@ -133,6 +137,9 @@ def read_points(out: Path) -> list[dict]:
 
 
 def summarise_run(args, run: dict, out: Path, before: dict | None) -> dict:
+    if run.get("failed"):
+        return {**run, "dir": str(out), "points": [], "final": None, "best": None,
+                "score": None, "adaptive_lr": None, "method_as_run": None}
     points = [p for p in read_points(out) if p["label"] != "before"]
     trajectory = ([before] if before else []) + points
     best = best_point(args.rule, trajectory)
@@ -159,8 +166,10 @@ def _cell(point: dict | None, key: str) -> str:
     if point is None:
         return "-"
     value = model_utility(point) if key == "model_utility" else point.get(key)
-    if value is None:
+    if not isinstance(value, (int, float)):
         return "-"
+    if not math.isfinite(value):
+        return str(value)
     return f"{value:.2g}" if key == "forget_quality" else f"{value:.3g}"
 
 
@@ -172,6 +181,10 @@ def table(records: list[dict], picked: dict[str, str], before: dict | None, rule
                      + " | ".join(_cell(before, k) for k, _ in COLUMNS) + " |")
     for r in records:
         rate = "adaptive" if r["rate"] is None else f"{r['rate']:.0e}"
+        if r.get("failed"):
+            lines.append(f"| {r['method']} | {rate} | failed: {r['failed']} |"
+                         + " |" * len(COLUMNS))
+            continue
         mark = " **(picked)**" if picked[r["method"]] == r["name"] and r["rate"] is not None \
             else ""
         lines.append(f"| {r['method']} | {rate}{mark} | final | "
@@ -193,8 +206,9 @@ def plot(records: list[dict], picked: dict[str, str], path: Path) -> None:
     methods = list(picked)
     colours = plt.cm.tab10([i % 10 for i in range(len(methods))])
     for r in records:
-        points = [p for p in r["points"] if p.get("forget_quality") is not None
-                  and model_utility(p) is not None]
+        points = [p for p in r["points"] if isinstance(p.get("forget_quality"), (int, float))
+                  and isinstance(model_utility(p), (int, float))
+                  and math.isfinite(p["forget_quality"]) and math.isfinite(model_utility(p))]
         if not points:
             continue
         colour = colours[methods.index(r["method"])]
@@ -236,10 +250,24 @@ def main(argv=None) -> None:
     first, records, ran = None, [], 0
     for index, run in enumerate(runs):
         run_dir = out / run["name"]
-        ran += run_once(command_of(args, run, run_dir, first), run_dir,
-                        f"compare_methods {index + 1}/{len(runs)} {run['name']}",
-                        threads_per_rank=threads, rerun=args.rerun)
-        first = first or run_dir
+        try:
+            ran += run_once(command_of(args, run, run_dir, first), run_dir,
+                            f"compare_methods {index + 1}/{len(runs)} {run['name']}",
+                            threads_per_rank=threads, rerun=args.rerun)
+        except SystemExit as failure:
+            if first is None:  # the others need its reference and starting-model point
+                raise
+            # a baseline that diverges at one rate (e.g. NaN: exit 3) is a result, not the
+            # end of the comparison
+            run["failed"] = f"exit {failure}"
+            print(f"[compare_methods] {run['name']} failed: {failure}", flush=True)
+            ran += 1
+            continue
+        if first is None:
+            first = run_dir
+            if not (first / "eval" / "retain_model_results.json").exists():
+                raise SystemExit(f"{first} scored no retain-only reference (the embedded default "
+                                 "has one; pass --retain-model with your own --model / --data)")
     before = next((p for p in read_points(first) if p["label"] == "before"), None)
     for run in runs:
         records.append(summarise_run(args, run, out / run["name"], before))

@@ -256,6 +256,8 @@ class GDiffOptions:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ConfigError(f"gdiff's {name} must be a finite number >= 0, got {value!r}")
+        if self.alpha == self.gamma == 0:
+            raise ConfigError("gdiff's alpha and gamma are both 0: there would be no step")
 
 
 @COMBINE_RULES.register("gdiff", GDiffOptions)

@@ -130,6 +130,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def rank0_decides(value):
+    """Rank 0's ``value`` on every rank: a decision that leads into a collective (a save
+    that gathers the weights) must be the same everywhere, not recomputed per rank from
+    floats that could differ in the last bit. A broadcast from rank 0 over all ranks."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+    return value
+
+
 def leave_distributed() -> None:
     """End a successful run: wait for every rank, then tear the process group down.
 

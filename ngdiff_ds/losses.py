@@ -151,10 +151,11 @@ def npo_loss(logits: torch.Tensor, batch: dict, options: NPOOptions = NPOOptions
 
     and the mean over examples. ``log p(y|x)`` is the sum of the target tokens' log-probs (as
     open-unlearning's ``compute_dpo_loss``); ``p_ref`` is the model before unlearning, whose
-    values the run computed once before step 0 (``batch["reference_logprob"]``). At the start
-    (p = p_ref) every example gives (2/beta) log 2 and the gradient is that of gradient ascent
-    on the summed NLL times 1/2 per example; as ``log p`` falls below ``log p_ref`` the
-    example's weight sigmoid(beta * log-ratio) decays to 0: the loss is bounded below by 0.
+    values the run computed once before step 0 (``batch["reference_logprob"]``). The gradient
+    is ``2 sigmoid(beta r) * grad log p(y|x)`` per example (r the log-ratio): at the start
+    (p = p_ref, every example (2/beta) log 2) exactly that of gradient ascent on the summed
+    NLL; as ``log p`` falls below ``log p_ref`` the weight decays to 0 and the loss to its
+    lower bound 0.
     """
     log_p = per_example_target_logprob(logits, batch["labels"])
     log_ratio = log_p - batch[REFERENCE_LOGPROB].to(log_p.dtype)
@@ -164,8 +165,9 @@ def npo_loss(logits: torch.Tensor, batch: dict, options: NPOOptions = NPOOptions
 @dataclass(frozen=True)
 class SimNPOOptions:
     """``--forget-loss-option beta=... delta=...``: SimNPO's inverse temperature and reward
-    margin (the paper's gamma; open-unlearning calls it ``delta``). Defaults: open-unlearning's
-    SimNPO config (beta 4.5, delta 0), taken from the SimNPO authors' TOFU config."""
+    margin, open-unlearning's names (the paper's margin gamma is beta * delta). Defaults:
+    open-unlearning's SimNPO config (beta 4.5, delta 0), from the SimNPO authors' TOFU
+    config."""
 
     beta: float = 4.5
     delta: float = 0.0

@@ -1,8 +1,7 @@
 """The whole unlearning run, callable without the command line::
 
     from ngdiff_ds.adaptive_lr import AdaptiveLRConfig
-    from ngdiff_ds.eval.selection import best_point, check_rule, model_utility
-from ngdiff_ds.eval.suite import EvalSettings
+    from ngdiff_ds.eval.suite import EvalSettings
     from ngdiff_ds.job import JobSettings
     from ngdiff_ds.unlearn import UnlearnSettings, unlearn
 
@@ -28,7 +27,8 @@ import torch
 from ngdiff_ds.adaptive_lr import AdaptiveLRConfig
 from ngdiff_ds.checkpoint import CheckpointSettings
 from ngdiff_ds.combine import COMBINE_RULES
-from ngdiff_ds.distributed import is_main_process, leave_distributed, rank_and_world_size
+from ngdiff_ds.distributed import (is_main_process, leave_distributed, rank0_decides,
+                                   rank_and_world_size)
 from ngdiff_ds.errors import ConfigError
 from ngdiff_ds.eval.selection import best_point, check_rule, model_utility
 from ngdiff_ds.eval.suite import EvalSettings
@@ -133,10 +133,19 @@ class UnlearnSettings:
         self.forget_loss = self.forget_loss or preset.forget_loss
         self.retain_loss = self.retain_loss or preset.retain_loss
         self.combine = self.combine or preset.combine
+        # idempotent: settings built again from these values (dataclasses.replace) must not
+        # prepend the preset's options twice
         if self.combine == preset.combine:
-            self.combine_options = [*preset.combine_options, *self.combine_options]
+            self.combine_options = _with_prefix(preset.combine_options, self.combine_options)
         if self.forget_loss == preset.forget_loss:
-            self.forget_loss_options = [*preset.forget_loss_options, *self.forget_loss_options]
+            self.forget_loss_options = _with_prefix(preset.forget_loss_options,
+                                                    self.forget_loss_options)
+        if self.retain_loss == "kl" and self.combine in ("ngdiff", "pcgrad"):
+            raise ConfigError(f"--combine {self.combine} with --retain-loss kl: the rule divides "
+                              "by the retain gradient, and the KL to the starting model has "
+                              "none at the start (0 up to rounding), so the step would follow "
+                              "rounding noise; use --method gdiff_kl (fixed weights) or the "
+                              "nll retaining loss")
 
     def rate_settings(self, rate: AdaptiveLRConfig) -> AdaptiveLRConfig:
         """``rate`` on or off as the method says: on for a preset with the adaptive rate or
@@ -152,8 +161,7 @@ class UnlearnSettings:
                 "retain_loss": self.retain_loss, "combine": self.combine,
                 "forget_loss_options": list(self.forget_loss_options),
                 "retain_loss_options": list(self.retain_loss_options),
-                "combine_options": list(self.combine_options),
-                "adaptive_lr": PRESETS[self.method_name].adaptive_lr or self.adaptive_lr}
+                "combine_options": list(self.combine_options)}
 
     def method(self) -> Method:
         """The forgetting loss, retaining loss and combine rule, each bound to its options."""
@@ -171,6 +179,12 @@ class UnlearnSettings:
             bound[key] = registry.entry(name).needs
             check_needs(name, bound[key])
         return Method(**bound)
+
+
+def _with_prefix(prefix: tuple[str, ...], options: list[str]) -> list[str]:
+    """``options`` starting with ``prefix`` (added unless it is there already)."""
+    prefix = list(prefix)
+    return list(options) if options[:len(prefix)] == prefix else prefix + list(options)
 
 
 def first_split(splits: str) -> str:
@@ -387,7 +401,7 @@ class _Run:
         from ngdiff_ds.engine import save_hf_model
 
         best = self._best_point()
-        if best is None or best["label"] != label:
+        if not rank0_decides(best is not None and best["label"] == label):
             return
         save_hf_model(self.built, self.inputs.tokenizer,
                       Path(self.settings.output_dir) / "model_best")
@@ -396,6 +410,9 @@ class _Run:
                        f"{best['model_utility']:.3g}); its model saved to {best['model']}")
 
     def _start_fresh(self) -> None:
+        best_dir = Path(self.settings.output_dir) / "model_best"
+        if self.settings.select_best and is_main_process() and best_dir.exists():
+            shutil.rmtree(best_dir)  # an earlier run's, in this directory: not this run's best
         if self.evaluation:
             self.evaluation.load_reference(self.evaluation_settings, self.job.ds_config,
                                            default_model=self.inputs.default_retain_model)
@@ -414,6 +431,10 @@ class _Run:
                 "global_batch_per_task": self.job.layout.global_batch_size,
                 "forget_loss": self.settings.forget_loss, "combine": self.settings.combine,
                 "retain_loss": self.settings.retain_loss,
+                # what NPO's saved reference log-probs and the method's losses depend on
+                "max_length": self.inputs.max_length,
+                "method_options": {k: v for k, v in self.settings.method_summary().items()
+                                   if k.endswith("_options")},
                 # the trainable parameters: a LoRA checkpoint holds adapter state only
                 "lora": self.memory.lora_identity() if self.memory else None}
 
@@ -454,9 +475,11 @@ class _Run:
 
         # Checked before loading: another run's weights or adapters would fail inside DeepSpeed.
         saved = read_manifest(tag_dir)["identity"]
-        # a key the checkpoint lacks was added later (retain_loss: then it was nll)
+        # a key the checkpoint lacks was added later (retain_loss: then it was nll; the
+        # others were not recorded)
         saved.setdefault("retain_loss", "nll")
-        changed = {k: (v, saved.get(k)) for k, v in self._identity().items() if saved.get(k) != v}
+        changed = {k: (v, saved[k]) for k, v in self._identity().items()
+                   if k in saved and saved[k] != v}
         if changed:
             raise ConfigError(f"checkpoint {tag_dir} belongs to another run: " + ", ".join(
                 f"{k} is {new!r} now but was {old!r}" for k, (new, old) in changed.items()))

@@ -38,13 +38,24 @@ def test_quick_mode_writes_the_table_the_plot_and_every_run(quick):
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((out / "results.json").read_text())
     runs = {r["name"]: r for r in results["runs"]}
-    assert list(runs) == ["ngdiff", "gdiff_lr1e-04"]  # NGDiff first: it scores the shared points
-    assert runs["ngdiff"]["adaptive_lr"] is not None and runs["gdiff_lr1e-04"]["adaptive_lr"] is None
-    assert runs["gdiff_lr1e-04"]["method_as_run"]["combine_options"] == ["alpha=1", "gamma=1"]
+    # NGDiff first: it scores the shared points (NPO's reference log-probs, KL's frozen copy
+    # through the run's own set-up)
+    assert list(runs) == ["ngdiff_npo", "gdiff_kl_lr1e-04"]
+    second = "gdiff_kl_lr1e-04"
+    assert runs["ngdiff_npo"]["adaptive_lr"] is not None and runs[second]["adaptive_lr"] is None
+    assert runs[second]["method_as_run"]["combine_options"] == ["alpha=1", "gamma=1"]
+    assert runs[second]["method_as_run"]["retain_loss"] == "kl"
     # the second run reads the reference and the starting model's point from the first
-    settings = (out / "gdiff_lr1e-04" / "settings.txt").read_text()
+    settings = (out / second / "settings.txt").read_text()
     assert "--retain-results" in settings and "--no-eval-before" in settings
-    assert not (out / "gdiff_lr1e-04" / "eval" / "before_summary.json").exists()
+    assert not (out / second / "eval" / "before_summary.json").exists()
+    rows = [json.loads(line) for line in (out / second / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    kl = [r["retain_loss"] for r in train]  # 0 at the start, then growing as the model moves
+    assert abs(kl[0]) < 1e-9 and 0 < kl[1] < kl[2] < kl[3], kl
+    rows = [json.loads(line) for line in (out / "ngdiff_npo" / "metrics.jsonl").read_text().splitlines()]
+    first_step = next(r for r in rows if r["kind"] == "train")
+    assert first_step["forget_loss"] == pytest.approx(20 * 0.6931471805599453, rel=1e-5)
     for name, run in runs.items():
         assert [p["label"] for p in run["points"]] == ["before", "step2", "final"], name
         # the table's numbers are the run's own evaluation files
@@ -62,7 +73,7 @@ def test_quick_mode_writes_the_table_the_plot_and_every_run(quick):
     table = (out / "table.md").read_text()
     for _, header in compare_methods.COLUMNS:
         assert header in table
-    assert "gdiff | 1e-04 **(picked)** | final" in table
+    assert "gdiff_kl | 1e-04 **(picked)** | final" in table
     assert "| (starting model) | - | before |" in table
     assert "ran 2 of 2 runs" in result.stdout
 
@@ -81,7 +92,7 @@ def test_the_rate_with_the_best_scored_point_is_picked():
 def test_quick_is_two_presets_one_rate_few_steps():
     args = compare_methods.parse_args(["--quick"])
     runs = compare_methods.planned_runs(args)
-    assert [(r["method"], r["rate"]) for r in runs] == [("ngdiff", None), ("gdiff", 1e-4)]
+    assert [(r["method"], r["rate"]) for r in runs] == [("ngdiff_npo", None), ("gdiff_kl", 1e-4)]
     assert args.steps == 4
     full = compare_methods.planned_runs(compare_methods.parse_args([]))
     assert len(full) == 2 + 6 * 3  # NGDiff's two without a sweep, six baselines at three rates

@@ -75,9 +75,9 @@ def test_npo_is_two_over_beta_log_two_when_the_policy_is_the_reference(dtype, re
         assert got.item() == pytest.approx(2 / beta * math.log(2), rel=rel)
 
 
-def test_npo_gradient_at_the_reference_is_half_the_summed_ascent_gradient():
+def test_npo_gradient_at_the_reference_is_the_summed_ascent_gradient():
     """d/dtheta (2/beta) softplus(beta r) = 2 sigmoid(beta r) d log p = d log p at r = 0: the
-    gradient of -log p(y|x) (summed NLL) ascent, averaged over examples."""
+    gradient of ascent on the summed NLL (-log p(y|x)), averaged over examples."""
     logits, labels = make_batch(seed=3)
     logits.requires_grad_(True)
     reference = torch.tensor([hand_logprob(logits.detach(), labels, b) for b in range(3)],
@@ -240,3 +240,13 @@ def test_select_best_needs_a_rule_and_the_evaluation(values, message):
 
     with pytest.raises(ConfigError, match=message):
         UnlearnSettings(**values)
+
+
+def test_rules_that_divide_by_the_retain_gradient_refuse_the_kl():
+    from ngdiff_ds.unlearn import UnlearnSettings
+
+    for combine in ("ngdiff", "pcgrad"):
+        with pytest.raises(ConfigError, match=f"--combine {combine} with --retain-loss kl"):
+            UnlearnSettings(retain_loss="kl", combine=combine)
+    with pytest.raises(ConfigError, match="alpha and gamma are both 0"):
+        UnlearnSettings(method_name="gdiff", combine_options=["alpha=0", "gamma=0"])

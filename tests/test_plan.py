@@ -394,7 +394,8 @@ def test_the_kl_reference_model_is_counted(tmp_path):
                      if t.numel <= plain.zero.stage3_param_persistence_threshold)
     assert base.gpu["reference_weights"] == 0
     assert kept.gpu["reference_weights"] == 1154 + 2 * persistent  # bf16: 2 bytes
-    logits = plain.micro_batch_size * plain.seq_len * 2 * dims.vocab_size
+    # its bf16 logits and the KL's fp32 log-softmax of them and its exp: 2 + 8 bytes
+    logits = plain.micro_batch_size * plain.seq_len * (2 + 8) * dims.vocab_size
     assert kept.gpu["activations"] - base.gpu["activations"] == logits
     assert {k: kept.gpu[k] for k in ("master", "moments", "gradients")} == \
         {k: base.gpu[k] for k in ("master", "moments", "gradients")}

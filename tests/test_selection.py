@@ -49,3 +49,15 @@ def test_a_tie_goes_to_the_earlier_point():
 def test_an_unknown_rule_names_the_flag_and_the_rules():
     with pytest.raises(ConfigError, match="--select-best 'fq'.*fq_mu.*fq_keep_mu"):
         score("fq", POINTS[1], POINTS[0])
+
+
+def test_a_nan_metric_gives_no_score_and_never_sticks():
+    nan = float("nan")
+    points = [{"label": "before", "forget_quality": 0.1, "model_utility": 0.5},
+              {"label": "step10", "forget_quality": nan, "model_utility": 0.5},
+              {"label": "final", "forget_quality": 0.8, "model_utility": 0.4}]
+    assert score("fq_mu", points[1], points[0]) is None
+    assert best_point("fq_mu", points)[0]["label"] == "final"
+    # a NaN starting utility lets no point through fq_keep_mu (rather than every one)
+    points[0]["model_utility"] = nan
+    assert best_point("fq_keep_mu", points) is None

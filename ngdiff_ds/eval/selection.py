@@ -10,10 +10,13 @@ rule would otherwise pick whenever unlearning hurt. Rules:
   95 % of the starting model's (the rule benchmarks/compare_methods.py picks rates by).
 
 Model utility is ``model_utility`` (TOFU's 9 components), else ``model_utility_partial``.
-A tie goes to the earlier point (less unlearning for the same score).
+A missing or non-finite metric gives the point no score. A tie goes to the earlier point
+(less unlearning for the same score).
 """
 
 from __future__ import annotations
+
+import math
 
 from ngdiff_ds.errors import ConfigError
 
@@ -39,15 +42,23 @@ def score(rule: str, point: dict, before: dict | None) -> float | None:
     """The point's score under ``rule`` (higher is better), None when it has no score: a
     metric is missing, or (fq_keep_mu) it lost more utility than allowed."""
     check_rule(rule)
-    quality, utility = point.get("forget_quality"), model_utility(point)
+    quality, utility = _finite(point.get("forget_quality")), _finite(model_utility(point))
     if quality is None or utility is None:
         return None
     if rule == "fq_mu":
         return (quality + utility) / 2
-    before_utility = model_utility(before) if before else None
+    before_utility = _finite(model_utility(before)) if before else None
     if before_utility is None or utility < KEEP_UTILITY * before_utility:
         return None
     return quality
+
+
+def _finite(value) -> float | None:
+    """``value`` as a float when it is a finite number; None for a missing, NaN or infinite
+    metric (a NaN would win or lose every comparison and stick)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def best_point(rule: str, points: list[dict]) -> tuple[dict, float] | None:

@@ -32,7 +32,9 @@ Memory per GPU, persistent (what the step holds from start to end):
 - ``reference_weights`` (``--reference-model``: the KL retaining loss): the frozen starting
   model, an inference-only ZeRO-3 engine: its weight partition p * P / N (the base model
   only, under LoRA) and its persistent parameters whole; no master, moments or gradients.
-  Its logits on a retain micro-batch (p * V per token) are added to ``activations``.
+  Its logits on a retain micro-batch (p * V per token) and what the KL keeps for its
+  backward (the fp32 log-softmax of those logits and its exp, 8 * V) are added to
+  ``activations``.
 
 With ``offload`` (``offload_optimizer.device: cpu``) master, moments, gradient partition and the
 NGDiff copy live in host memory, with DeepSpeed's own fp32 copy of the gradient that the CPU

@@ -174,7 +174,9 @@ def memory_breakdown(model: Model, settings: PlanSettings, mode: str,
         # the frozen starting model of the KL retaining loss: an inference-only ZeRO-3 engine
         # (its weight partition, every rank's copy of its persistent parameters; no master,
         # moments or gradients) and its logits, held beside the retain forward's until the
-        # loss is computed (in the model dtype, every position)
+        # loss is computed (in the model dtype, every position), plus what the KL keeps for
+        # its backward: the fp32 log-softmax of those logits and its exp (8 bytes per
+        # vocabulary entry, every position counted as a target as for the logits)
         base = [t for t in tensors if not (settings.lora and t.trainable)]
         reference = p * (slice_numel(base, world_size)
                          + slice_numel(base, 1, persistence_filter(settings.zero)))
@@ -182,7 +184,8 @@ def memory_breakdown(model: Model, settings: PlanSettings, mode: str,
             cpu["reference_weights"] = reference
         else:
             gpu["reference_weights"] = reference
-        gpu["activations"] += settings.micro_batch_size * settings.seq_len * p * dims.vocab_size
+        gpu["activations"] += (settings.micro_batch_size * settings.seq_len * (p + 8)
+                               * dims.vocab_size)
     return MemoryBreakdown(gpu=gpu, cpu=cpu)
 
 
