@@ -43,7 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from unlearn_runs import run_once, unlearn_command  # noqa: E402
+from unlearn_runs import run_once, save_plot, unlearn_command  # noqa: E402
 
 from ngdiff_ds.eval.selection import RULES, best_point, model_utility  # noqa: E402
 from ngdiff_ds.methods import PRESETS  # noqa: E402
@@ -232,10 +232,7 @@ def plot(records: list[dict], picked: dict[str, str], path: Path) -> None:
     axes.set_ylabel("forget quality (KS p-value, log)")
     axes.set_title("TOFU trade-off: one trajectory per method at its picked rate\n"
                    "(other rates dotted; up and right is better)", fontsize=9)
-    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_plot(figure, axes, path)
 
 
 def main(argv=None) -> None:

@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from unlearn_runs import run_once, unlearn_command  # noqa: E402
+from unlearn_runs import run_once, save_plot, unlearn_command  # noqa: E402
 DEFAULT_STARTS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
 BELOW = 1e-3  # "the rate below 1e-3 by step 16": from then on (acceptance of the 1e-2 start)
 # mode "gen": GeN's published rule on the same runs (Bu & Xu 2024): the parabola's minimum
@@ -217,11 +217,7 @@ def plot(records: list[dict], path: Path) -> None:
     axes.set_ylabel("learning rate")
     axes.set_title("rate of each step (a backtracked step at its retaken rate); solid adaptive, "
                    "dashed fixed, dotted GeN", fontsize=9)
-    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5),
-                title="start, rate", title_fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_plot(figure, axes, path, legend_title="start, rate")
 
 
 def main(argv=None) -> None:

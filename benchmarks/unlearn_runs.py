@@ -59,3 +59,14 @@ def run_once(command: list[str], out: Path, label: str, threads_per_rank: int | 
         raise SystemExit(f"run {out} failed (exit {code}); see {out / 'log.txt'}")
     settings_file.write_text(settings_of(command) + "\n")
     return True
+
+
+def save_plot(figure, axes, path: Path, legend_title: str | None = None) -> None:
+    """The legend beside the axes, then the PNG at ``path`` (and the figure closed)."""
+    import matplotlib.pyplot as plt
+
+    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title=legend_title,
+                title_fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

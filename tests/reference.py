@@ -21,25 +21,24 @@ from ngdiff_ds.data.encoding import encode_split
 from ngdiff_ds.data.records import load_qa_split
 
 
-def _example_nll(model, example) -> torch.Tensor:
+def _answer_token_logprobs(model, example) -> torch.Tensor:
+    """log p of each answer (non -100) target token, one example per forward (no padding):
+    position t predicts token t+1."""
     input_ids = torch.tensor([example["input_ids"]])
-    labels = torch.tensor(example["labels"])
-    logits = model(input_ids=input_ids).logits[0]
-    # position t predicts token t+1; keep only the answer (non -100) targets
-    targets = labels[1:]
+    targets = torch.tensor(example["labels"])[1:]
     keep = targets != -100
-    return F.cross_entropy(logits[:-1][keep].float(), targets[keep], reduction="mean")
+    logits = model(input_ids=input_ids).logits[0][:-1][keep].float()
+    return torch.log_softmax(logits, dim=-1).gather(1, targets[keep].unsqueeze(1)).squeeze(1)
+
+
+def _example_nll(model, example) -> torch.Tensor:
+    """Mean NLL of the answer tokens."""
+    return -_answer_token_logprobs(model, example).mean()
 
 
 def _example_logprob(model, example) -> torch.Tensor:
-    """log p(y|x): the sum of the answer tokens' log-probs, one example per forward."""
-    input_ids = torch.tensor([example["input_ids"]])
-    labels = torch.tensor(example["labels"])
-    logits = model(input_ids=input_ids).logits[0]
-    targets = labels[1:]
-    keep = targets != -100
-    log_probs = torch.log_softmax(logits[:-1][keep].float(), dim=-1)
-    return log_probs.gather(1, targets[keep].unsqueeze(1)).sum()
+    """log p(y|x): the sum of the answer tokens' log-probs."""
+    return _answer_token_logprobs(model, example).sum()
 
 
 def _example_kl(model, frozen, example) -> torch.Tensor:
