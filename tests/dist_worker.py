@@ -3,9 +3,10 @@
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 tests/dist_worker.py --model M --data D \
         --scenarios scenarios.json --out OUT
 
-For every scenario and every step count in its ``save_after`` it builds a fresh engine, runs
-``run_unlearning`` for that many steps (the production loop) and writes, on rank 0,
-``OUT/<name>_step<N>.pt`` (the full state dict) and ``OUT/<name>_step<N>.json`` (the step stats).
+For every scenario it builds a fresh engine, runs ``run_unlearning`` (the production loop) to
+the last step count of its ``save_after`` and writes, on rank 0, for every step count N there
+``OUT/<name>_step<N>.pt`` (the full state dict after step N) and ``OUT/<name>_step<N>.json``
+(the step stats up to N).
 """
 
 import argparse
@@ -102,40 +103,53 @@ def main():
                                 lora_rank=scenario.get("lora", {}).get("r", 0),
                                 lora_alpha=scenario.get("lora", {}).get("alpha"),
                                 lora_targets=",".join(scenario.get("lora", {}).get("targets", ["q_proj"])))
-        for steps in scenario["save_after"]:
-            built = build_engine(args.model, ds_config, memory)
-            layer_calls = count_mlp_calls(next(module for name, module in built.model.named_modules()
-                                               if name.endswith("layers.0.mlp")))
-            # NPO: log p_ref of the forget set, on the fresh engine before its first step
-            score_reference_logprobs(built.engine, tasks_needing_logprobs(method, forget, retain),
-                                     8, log)
-            rate = RecordingRate(adaptive, built.engine.optimizer.param_groups[0]["lr"], forget,
-                                 retain, method, log)
-            history = run_unlearning(built, forget, retain, method, rate, steps, log)
-            name = f"{scenario['name']}_step{steps}"
-            if scenario.get("replay_without_probes"):
-                # The same steps again on a fresh engine at the rates the probed run used.
-                replay = build_engine(args.model, ds_config)
-                buffer = torch.empty_like(replay.partitions.flat_grad)
-                for stats in history:
-                    # a backtracked step at the rate it was retaken at
-                    multiple = (rate.backtracks.get(stats.step) or (1.0, None))[0]
-                    ngdiff_step(replay, forget.micro_batches(stats.step, rank, replay.engine.device),
-                                retain.micro_batches(stats.step, rank, replay.engine.device),
-                                NGDIFF, stats.lr * multiple, buffer, stats.step)
-                for label, engine in (("probed", built.engine), ("replay", replay.engine)):
-                    torch.save(optimizer_state(engine), out / f"{name}_{label}_rank{rank}.pt")
-                del replay
-            state = consolidated_state_dict(built.engine)
-            if rank == 0:
-                torch.save({k: v.clone() for k, v in state.items()}, out / f"{name}.pt")
-                (out / f"{name}.json").write_text(json.dumps(
+        # one run to the last save point; the earlier ones are snapshots taken after their
+        # step (the loop's checkpoint hook: every rank, as the gather needs)
+        final_steps = max(scenario["save_after"])
+        built = build_engine(args.model, ds_config, memory)
+        layer_calls = count_mlp_calls(next(module for name, module in built.model.named_modules()
+                                           if name.endswith("layers.0.mlp")))
+        # NPO: log p_ref of the forget set, on the fresh engine before its first step
+        score_reference_logprobs(built.engine, tasks_needing_logprobs(method, forget, retain),
+                                 8, log)
+        rate = RecordingRate(adaptive, built.engine.optimizer.param_groups[0]["lr"], forget,
+                             retain, method, log)
+        snapshots = {}
+
+        def snapshot(state, evaluated, stopping, built=built, snapshots=snapshots,
+                     save_after=scenario["save_after"], final_steps=final_steps):
+            if state.steps_done in save_after and state.steps_done != final_steps:
+                weights = consolidated_state_dict(built.engine)
+                snapshots[state.steps_done] = {k: v.clone() for k, v in weights.items()}
+
+        history = run_unlearning(built, forget, retain, method, rate, final_steps, log,
+                                 checkpoint=snapshot)
+        name = f"{scenario['name']}_step{final_steps}"
+        if scenario.get("replay_without_probes"):
+            # The same steps again on a fresh engine at the rates the probed run used.
+            replay = build_engine(args.model, ds_config)
+            buffer = torch.empty_like(replay.partitions.flat_grad)
+            for stats in history:
+                # a backtracked step at the rate it was retaken at
+                multiple = (rate.backtracks.get(stats.step) or (1.0, None))[0]
+                ngdiff_step(replay, forget.micro_batches(stats.step, rank, replay.engine.device),
+                            retain.micro_batches(stats.step, rank, replay.engine.device),
+                            NGDIFF, stats.lr * multiple, buffer, stats.step)
+            for label, engine in (("probed", built.engine), ("replay", replay.engine)):
+                torch.save(optimizer_state(engine), out / f"{name}_{label}_rank{rank}.pt")
+            del replay
+        weights = consolidated_state_dict(built.engine)
+        snapshots[final_steps] = {k: v.clone() for k, v in weights.items()}
+        if rank == 0:
+            for steps, state in snapshots.items():
+                torch.save(state, out / f"{scenario['name']}_step{steps}.pt")
+                (out / f"{scenario['name']}_step{steps}.json").write_text(json.dumps(
                     [dict(s.as_dict(), probe_losses=rate.probe_losses.get(s.step),
-                          backtrack=rate.backtracks.get(s.step)) for s in history]))
-                (out / f"{name}_layer0_calls.json").write_text(json.dumps(layer_calls[0]))
-                (out / f"{name}_optimizer.json").write_text(
-                    json.dumps(type(built.engine.optimizer.optimizer).__name__))
-            del built
+                          backtrack=rate.backtracks.get(s.step)) for s in history[:steps]]))
+            (out / f"{name}_layer0_calls.json").write_text(json.dumps(layer_calls[0]))
+            (out / f"{name}_optimizer.json").write_text(
+                json.dumps(type(built.engine.optimizer.optimizer).__name__))
+        del built
     log.close()
 
 
