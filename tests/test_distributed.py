@@ -190,9 +190,11 @@ def test_every_method_preset_matches_the_reference_on_one_and_two_ranks(
     assert not any(s["skipped"] for s in stats + one_rank_stats)
     for got, one, want in zip(stats, one_rank_stats, expected):
         for key in ("forget_loss", "retain_loss", "forget_grad_norm", "retain_grad_norm"):
-            # abs: the KL and its gradient are 0 at step 0 (to float noise on ZeRO-3)
-            assert got[key] == pytest.approx(want[key], rel=NORM_RTOL, abs=1e-6), (key, got, want)
-            assert one[key] == pytest.approx(got[key], rel=NORM_RTOL, abs=1e-6), (key, one, got)
+            # abs: the KL and its gradient are 0 at step 0 (to float noise on ZeRO-3), and a
+            # small KL is a difference of near-equal float32 sums (measured: 1 vs 2 ranks
+            # 1.70281e-4 vs 1.70275e-4)
+            assert got[key] == pytest.approx(want[key], rel=NORM_RTOL, abs=1e-7), (key, got, want)
+            assert one[key] == pytest.approx(got[key], rel=NORM_RTOL, abs=1e-7), (key, one, got)
     if method["forget"] == "npo":  # policy = reference at step 0: (2 / beta) log 2
         assert stats[0]["forget_loss"] == pytest.approx(2 / 0.1 * math.log(2), rel=1e-6)
     if method["retain"] == "kl":
