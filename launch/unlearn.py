@@ -19,13 +19,20 @@ Your own model and TOFU-schema data:
         --model /models/llama-7b-tofu --data /data/tofu --forget-split forget10 \\
         --retain-split retain90 --max-steps 100 --output-dir runs/llama7b-forget10
 
+A method by name (NPO, SimNPO, GDiff with KL... at a fixed rate; see README "Methods"), keeping
+the best evaluation point's model as model_best/:
+
+    deepspeed launch/unlearn.py --deepspeed ds_configs/zero3.json --method npo_gdiff --lr 1e-4 \
+        --eval-every 10 --select-best fq_mu
+
 A method of your own (a registered loss or combine rule, see docs/design.md):
 
     deepspeed launch/unlearn.py --deepspeed ds_configs/zero3.json --plugin my_losses.py \\
         --forget-loss my_loss --forget-loss-option beta=0.2
 
-Writes to --output-dir: metrics.jsonl, tensorboard/, summary.json, model/ (an HF directory) and
-eval/ (TOFU and MUSE results and summaries per evaluation point, the trade-off plot).
+Writes to --output-dir: metrics.jsonl, tensorboard/, summary.json, model/ (an HF directory),
+model_best/ with --select-best, and eval/ (TOFU and MUSE results and summaries per evaluation
+point, the trade-off plot).
 Exit codes: 0 done, 2 bad input (one line names it), 3 the gradients stayed zero or NaN,
 75 preempted (checkpoint written: requeue with --resume auto).
 """
