@@ -119,8 +119,9 @@ def main():
         def snapshot(state, evaluated, stopping, built=built, snapshots=snapshots,
                      save_after=scenario["save_after"], final_steps=final_steps):
             if state.steps_done in save_after and state.steps_done != final_steps:
-                weights = consolidated_state_dict(built.engine)
-                snapshots[state.steps_done] = {k: v.clone() for k, v in weights.items()}
+                weights = consolidated_state_dict(built.engine)  # collective; rank 0 gets it
+                if rank == 0:
+                    snapshots[state.steps_done] = {k: v.clone() for k, v in weights.items()}
 
         history = run_unlearning(built, forget, retain, method, rate, final_steps, log,
                                  checkpoint=snapshot)
@@ -139,8 +140,8 @@ def main():
                 torch.save(optimizer_state(engine), out / f"{name}_{label}_rank{rank}.pt")
             del replay
         weights = consolidated_state_dict(built.engine)
-        snapshots[final_steps] = {k: v.clone() for k, v in weights.items()}
         if rank == 0:
+            snapshots[final_steps] = {k: v.clone() for k, v in weights.items()}
             for steps, state in snapshots.items():
                 torch.save(state, out / f"{scenario['name']}_step{steps}.pt")
                 (out / f"{scenario['name']}_step{steps}.json").write_text(json.dumps(
