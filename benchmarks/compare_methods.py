@@ -196,43 +196,61 @@ def table(records: list[dict], picked: dict[str, str], before: dict | None, rule
     return "\n".join(lines)
 
 
+def _usable(points: list[dict]) -> list[dict]:
+    return [p for p in points if isinstance(p.get("forget_quality"), (int, float))
+            and isinstance(model_utility(p), (int, float))
+            and math.isfinite(p["forget_quality"]) and math.isfinite(model_utility(p))]
+
+
 def plot(records: list[dict], picked: dict[str, str], path: Path) -> None:
+    """Forget quality (log) against model utility: the whole range, and beside it a zoom on
+    the utility the starting model has (where the methods that keep it crowd)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7.5, 4.8))
+    figure, (whole, zoom) = plt.subplots(1, 2, figsize=(11, 4.8), sharey=True)
     methods = list(picked)
     colours = plt.cm.tab10([i % 10 for i in range(len(methods))])
-    for r in records:
-        points = [p for p in r["points"] if isinstance(p.get("forget_quality"), (int, float))
-                  and isinstance(model_utility(p), (int, float))
-                  and math.isfinite(p["forget_quality"]) and math.isfinite(model_utility(p))]
-        if not points:
-            continue
-        colour = colours[methods.index(r["method"])]
-        chosen = picked[r["method"]] == r["name"]
-        rate = "adaptive" if r["rate"] is None else f"{r['rate']:.0e}"
-        axes.plot([model_utility(p) for p in points],
-                  [max(p["forget_quality"], 1e-30) for p in points],
-                  "-o" if chosen else ":", color=colour, alpha=1.0 if chosen else 0.3,
-                  markersize=4, linewidth=2.0 if r["rate"] is None else 1.2,
-                  label=f"{r['method']} ({rate})" if chosen else None)
-        if chosen:
-            last = points[-1]
-            axes.annotate(r["method"], (model_utility(last), max(last["forget_quality"], 1e-30)),
-                          textcoords="offset points", xytext=(4, 2), fontsize=7, color=colour)
-    before = next((p for r in records for p in r["points"] if p["label"] == "before"), None)
-    if before is not None and before.get("forget_quality") is not None:
-        axes.plot([model_utility(before)], [before["forget_quality"]], "k*", markersize=10,
-                  label="starting model")
-    axes.set_yscale("log")
-    axes.set_xlabel("model utility")
-    axes.set_ylabel("forget quality (KS p-value, log)")
-    axes.set_title("TOFU trade-off: one trajectory per method at its picked rate\n"
-                   "(other rates dotted; up and right is better)", fontsize=9)
-    save_plot(figure, axes, path)
+    before = next((p for r in records for p in _usable(r["points"]) if p["label"] == "before"),
+                  None)
+    for axes in (whole, zoom):
+        for r in records:
+            points = _usable(r["points"])
+            if not points:
+                continue
+            colour = colours[methods.index(r["method"])]
+            chosen = picked[r["method"]] == r["name"]
+            rate = "adaptive" if r["rate"] is None else f"{r['rate']:.0e}"
+            axes.plot([model_utility(p) for p in points],
+                      [max(p["forget_quality"], 1e-30) for p in points],
+                      "-o" if chosen else ":", color=colour, alpha=1.0 if chosen else 0.3,
+                      markersize=4, linewidth=2.0 if r["rate"] is None else 1.2,
+                      label=f"{r['method']} ({rate})" if chosen and axes is zoom else None)
+            if chosen:
+                last = points[-1]
+                axes.annotate(r["method"], (model_utility(last), max(last["forget_quality"], 1e-30)),
+                              textcoords="offset points", xytext=(4, 2), fontsize=7,
+                              color=colour)
+        if before is not None:
+            axes.plot([model_utility(before)], [before["forget_quality"]], "k*", markersize=10,
+                      label="starting model" if axes is zoom else None)
+        axes.set_yscale("log")
+        axes.set_xlabel("model utility")
+    whole.set_ylabel("forget quality (KS p-value, log)")
+    whole.set_title("every rate (picked: solid; others dotted)", fontsize=9)
+    if before is not None:  # the zoom: utility within 10 % of the start's and above
+        kept = [model_utility(p) for r in records for p in _usable(r["points"])]
+        start_utility = model_utility(before)
+        low, high = 0.9 * start_utility, max(kept) + 0.1 * (max(kept) - 0.9 * start_utility)
+        if high > low:  # (a model with no utility at all, as the tiny random one, has no zoom)
+            zoom.set_xlim(low, high)
+        zoom.axvline(0.95 * start_utility, color="grey", linewidth=0.8, linestyle="--")
+        zoom.set_title("zoom: utility >= 90 % of the start's (dashed: 95 %)", fontsize=9)
+    figure.suptitle("TOFU trade-off, one trajectory per method at its picked rate "
+                    "(up and right is better)", fontsize=10)
+    save_plot(figure, zoom, path)
 
 
 def main(argv=None) -> None:
