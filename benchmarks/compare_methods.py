@@ -8,8 +8,9 @@ Each run is the main command with a preset (embedded default unless --extra-all 
     deepspeed --num_gpus 2 launch/unlearn.py --deepspeed ds_configs/zero3.json \\
         --method gdiff --lr 1e-4 --max-steps 40 --eval-every 10
 
-Run (CPU, 2 cores: 20 runs, about 50 min measured; a run whose directory holds the same
-finished run is read, not rerun, so an interrupted comparison continues where it stopped):
+Run (CPU, 2 cores: 20 runs, 89 min measured, 138-581 s each; a run whose directory holds the
+same finished run is read, not rerun, so an interrupted comparison continues where it
+stopped):
 
     DS_ACCELERATOR=cpu python benchmarks/compare_methods.py --output-dir runs/compare_methods
 
