@@ -52,35 +52,39 @@ def _next_token_targets(labels: torch.Tensor) -> torch.Tensor:
     return targets
 
 
+def _target_rows(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat positions whose next token is an unmasked label, and those positions' targets."""
+    targets = _next_token_targets(labels).reshape(-1)
+    target_positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    return target_positions, targets.index_select(0, target_positions)
+
+
+def _rows_at(logits: torch.Tensor, target_positions: torch.Tensor) -> torch.Tensor:
+    """The [targets, vocab] rows of ``logits`` at those positions, float32 for low-precision
+    logits (float64 stays float64): only these rows are upcast, never the whole tensor."""
+    rows = logits.reshape(-1, logits.shape[-1]).index_select(0, target_positions)
+    return rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
+
+
+def _sums_per_example(token_values: torch.Tensor, target_positions: torch.Tensor,
+                      labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example (shape [batch]): the sum of its target tokens' values and their count."""
+    batch_size, seq_len = labels.shape
+    example_of_token = torch.div(target_positions, seq_len, rounding_mode="floor")
+    sums = token_values.new_zeros(batch_size).index_add_(0, example_of_token, token_values)
+    counts = token_values.new_zeros(batch_size).index_add_(0, example_of_token,
+                                                           torch.ones_like(token_values))
+    return sums, counts
+
+
 def _target_nll_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per example: the sum of the NLL of its unmasked target tokens and how many there are,
     two tensors of shape [batch] (float32 for bf16/fp16/float32 logits, float64 for float64).
-
-    Only the rows of the logits that predict an unmasked token are upcast and go through the
-    softmax, so nothing of the full [batch, seq, vocab] size is materialised in float32.
     """
     _check_shapes(logits, labels)
-    batch_size, seq_len, vocab_size = logits.shape
-
-    targets = _next_token_targets(labels).reshape(-1)
-    target_positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-
-    answer_logits = logits.reshape(-1, vocab_size).index_select(0, target_positions)
-    if answer_logits.dtype not in (torch.float32, torch.float64):
-        answer_logits = answer_logits.float()
-    token_nll = F.cross_entropy(
-        answer_logits,
-        targets.index_select(0, target_positions),
-        reduction="none",
-        ignore_index=IGNORE_INDEX,
-    )
-
-    example_of_token = torch.div(target_positions, seq_len, rounding_mode="floor")
-    nll_sums = token_nll.new_zeros(batch_size).index_add_(0, example_of_token, token_nll)
-    token_counts = token_nll.new_zeros(batch_size).index_add_(
-        0, example_of_token, torch.ones_like(token_nll)
-    )
-    return nll_sums, token_counts
+    target_positions, targets = _target_rows(logits, labels)
+    token_nll = F.cross_entropy(_rows_at(logits, target_positions), targets, reduction="none")
+    return _sums_per_example(token_nll, target_positions, labels)
 
 
 def per_example_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -211,19 +215,11 @@ def per_example_kl(logits: torch.Tensor, reference_logits: torch.Tensor,
     if reference_logits.shape != logits.shape:
         raise ValueError(f"reference logits {tuple(reference_logits.shape)} do not match the "
                          f"logits {tuple(logits.shape)}")
-    batch_size, seq_len, vocab_size = logits.shape
-    targets = _next_token_targets(labels).reshape(-1)
-    target_positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-    compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    log_p = F.log_softmax(logits.reshape(-1, vocab_size).index_select(0, target_positions)
-                          .to(compute_dtype), dim=-1)
-    log_p_ref = F.log_softmax(reference_logits.reshape(-1, vocab_size)
-                              .index_select(0, target_positions).to(compute_dtype), dim=-1)
+    target_positions, _ = _target_rows(logits, labels)
+    log_p = F.log_softmax(_rows_at(logits, target_positions), dim=-1)
+    log_p_ref = F.log_softmax(_rows_at(reference_logits, target_positions).to(log_p.dtype), dim=-1)
     token_kl = F.kl_div(log_p, log_p_ref, reduction="none", log_target=True).sum(-1)
-    example_of_token = torch.div(target_positions, seq_len, rounding_mode="floor")
-    kl_sums = token_kl.new_zeros(batch_size).index_add_(0, example_of_token, token_kl)
-    counts = token_kl.new_zeros(batch_size).index_add_(0, example_of_token,
-                                                       torch.ones_like(token_kl))
+    kl_sums, counts = _sums_per_example(token_kl, target_positions, labels)
     return kl_sums / counts.clamp(min=1)
 
 
